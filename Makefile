@@ -1,0 +1,28 @@
+# `make test` and `make demo` each create (or reuse) .venv, install the pinned dependencies,
+# prepare the data they need, and run. Nothing else has to be installed by hand.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: test demo install clean-venv
+
+$(STAMP): setup.py requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==26.3 setuptools==84.2.1 wheel==0.48.0
+	$(PY) -m pip install -q -c requirements.lock -e '.[test,oracle]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m t5x_cpt.data prepare --corpora=$(TEST_CORPORA)
+	$(PY) -m pytest -n 2 --durations=15 tests
+
+demo: $(STAMP)
+	$(PY) -m t5x_cpt.data prepare --corpora=$(DEMO_CORPORA)
+	$(PY) -m t5x_cpt.demo
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""t5x_cpt: cross-lingual continual pre-training in JAX/Flax."""

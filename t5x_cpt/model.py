@@ -1,0 +1,336 @@
+"""A LLaMA-family decoder in Flax linen, with every parameter and activation named by logical axes.
+
+Why linen rather than nnx: the sharding story of this project is t5x's — layers name their
+dimensions with *logical* axes ('embed', 'mlp', 'heads', ...) and one gin-bindable rules function
+(`t5x_cpt.partitioning.logical_axis_rules`) maps them onto the mesh. Linen carries those names as
+metadata on boxed params (`nn.with_logical_partitioning`) and on activations
+(`nn.with_logical_constraint`), and its `nn.scan` / `nn.remat` lift a layer into a scanned,
+rematerialised stack without changing the parameter names. Parameters are plain pytrees, which is
+what orbax checkpoints and the converters in `t5x_cpt.convert` read and write.
+
+The architecture covers LLaMA-1/2/3, Mistral and Qwen2: RMSNorm, rotary embeddings (plain,
+linear-scaled or llama3-scaled), grouped-query attention, SwiGLU MLP, optional QKV bias and
+tied or untied output embeddings. Packed sequences are supported through `segment_ids` (no
+attention across documents) and per-token `positions` (RoPE restarts per document).
+
+Parameter tree (unscanned; with `scan_layers=True` the per-layer subtrees are stacked under
+`layers` with a leading 'layers' axis; see `stack_layer_params`):
+  embed/embedding                [vocab, embed]
+  layers_{i}/attention_norm/scale [embed]
+  layers_{i}/attention/{query,key,value}/kernel [embed, heads|kv_heads, head_dim] (+ bias)
+  layers_{i}/attention/out/kernel [heads, head_dim, embed]
+  layers_{i}/mlp_norm/scale      [embed]
+  layers_{i}/mlp/{gate,up}/kernel [embed, mlp];  layers_{i}/mlp/down/kernel [mlp, embed]
+  final_norm/scale               [embed]
+  lm_head/kernel                 [embed, vocab]   (only when embeddings are untied)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_ROPE_SCALINGS = ("none", "linear", "llama3")
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of a decoder. Size gin files bind the first block of fields.
+
+    `num_kv_heads=None` means multi-head attention, `head_dim=None` means d_model // num_heads and
+    `d_ff=None` means 4 * d_model (the project's parameter-count convention; docs/model.md).
+    """
+
+    vocab_size: int = 32000
+    d_model: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    d_ff: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = False
+    attention_impl: str | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads} does not divide d_model={self.d_model}; "
+                "pick a divisor or set head_dim explicitly")
+        if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_kv_heads={self.num_kv_heads} must be a positive divisor of "
+                f"num_heads={self.num_heads}")
+        if self.rope_scaling not in _ROPE_SCALINGS:
+            raise ValueError(f"ModelConfig.rope_scaling={self.rope_scaling!r}; expected one of {_ROPE_SCALINGS}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
+        if self.remat not in _REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat={self.remat!r}; expected one of {sorted(_REMAT_POLICIES)}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def mlp_dim(self) -> int:
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """Per-pair inverse frequencies of the rotary embedding, with linear or llama3 scaling.
+
+    The llama3 rule follows Meta's reference (and transformers' `_compute_llama3_parameters`):
+    wavelengths longer than original_max_position / low_freq_factor are divided by the factor,
+    shorter than original_max_position / high_freq_factor are kept, and those between are
+    interpolated smoothly.
+    """
+    dim = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if config.rope_scaling == "linear":
+        return inv_freq / config.rope_scaling_factor
+    if config.rope_scaling == "llama3":
+        factor = config.rope_scaling_factor
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        old_len = config.rope_original_max_position
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return np.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotary_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) of shape [batch, length, head_dim] in float32 for the given token positions."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(config), jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)  # half-split layout, as in transformers
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotates x [batch, length, heads, head_dim] in the half-split (rotate_half) layout."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    out = x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
+    return out.astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """Boolean [batch, 1, q, k]: causal by index and only within the same packed document."""
+    length = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same_doc)[:, None]
+
+
+def _init(config: ModelConfig, *axes: str):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=config.init_std), axes)
+
+
+class RMSNorm(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.config.weight_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        return normed.astype(self.config.compute_dtype) * scale.astype(self.config.compute_dtype)
+
+
+class Projection(nn.Module):
+    """x[..., in] -> [..., *out_shape] with a kernel of shape [*in_shape, *out_shape] and logical names.
+
+    Written out rather than nn.DenseGeneral, whose flattened initialiser cannot carry per-dimension
+    logical names for multi-dimensional kernels.
+    """
+
+    config: ModelConfig
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kernel = self.param("kernel", _init(cfg, *self.axes), self.in_shape + self.out_shape, cfg.weight_dtype)
+        contract = tuple(range(x.ndim - len(self.in_shape), x.ndim))
+        y = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
+                                ((contract, tuple(range(len(self.in_shape)))), ((), ())))
+        if self.use_bias:
+            bias_axes = self.axes[len(self.in_shape):]
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
+                              self.out_shape, cfg.weight_dtype)
+            y = y + bias.astype(cfg.compute_dtype)
+        return y
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, sin, cos, mask):
+        cfg = self.config
+        d, hd = cfg.d_model, cfg.head_size
+
+        def projection(name, heads, axis_name):
+            return Projection(cfg, (d,), (heads, hd), ("embed", axis_name, "head_dim"), cfg.qkv_bias, name=name)
+
+        query = projection("query", cfg.num_heads, "heads")(x)
+        key = projection("key", cfg.kv_heads, "kv_heads")(x)
+        value = projection("value", cfg.kv_heads, "kv_heads")(x)
+        query = nn.with_logical_constraint(query, ("activation_batch", "activation_length", "activation_heads", None))
+        key = nn.with_logical_constraint(key, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        value = nn.with_logical_constraint(value, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        query, key = apply_rotary(query, sin, cos), apply_rotary(key, sin, cos)
+        # Grouped-query attention is native here: K/V heads are shared by num_heads // kv_heads queries.
+        out = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=cfg.attention_impl)
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
+        return Projection(cfg, (cfg.num_heads, hd), (d,), ("heads", "head_dim", "embed"), name="out")(out)
+
+
+class SwiGLU(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        d, f = cfg.d_model, cfg.mlp_dim
+        gate = Projection(cfg, (d,), (f,), ("embed", "mlp"), name="gate")(x)
+        up = Projection(cfg, (d,), (f,), ("embed", "mlp"), name="up")(x)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        return Projection(cfg, (f,), (d,), ("mlp", "embed"), name="down")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block. Returns (x, None) so the same class works under nn.scan."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, sin, cos, mask):
+        x = x + Attention(self.config, name="attention")(RMSNorm(self.config, name="attention_norm")(x), sin, cos, mask)
+        x = x + SwiGLU(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, None
+
+
+class Decoder(nn.Module):
+    """Token ids [batch, length] -> float32 logits [batch, length, vocab]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        cfg = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                         embedding_init=_init(cfg, "vocab", "embed"), name="embed")
+        x = embed(tokens)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        sin, cos = rotary_tables(positions, cfg)
+        mask = attention_mask(segment_ids)
+
+        layer_cls = DecoderLayer
+        if cfg.remat != "none":
+            layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(cfg, name="layers")(x, sin, cos, mask)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = layer_cls(cfg, name=f"layers_{i}")(x, sin, cos, mask)
+
+        x = RMSNorm(cfg, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Projection(cfg, (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x)
+        logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits.astype(jnp.float32)
+
+
+def stack_layer_params(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Unscanned layout (layers_0 .. layers_{L-1}) -> scanned layout (`layers` with a leading axis)."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
+    out["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_layer)
+    return out
+
+
+def unstack_layer_params(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Scanned layout -> unscanned layout; inverse of `stack_layer_params`."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
+def convert_layer_layout(params: Mapping[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """Returns params in the layout `config.scan_layers` asks for, whichever layout they are in."""
+    scanned = "layers" in params
+    if scanned == config.scan_layers:
+        return dict(params)
+    if config.scan_layers:
+        return stack_layer_params(params, config.num_layers)
+    return unstack_layer_params(params, config.num_layers)
