@@ -7,6 +7,8 @@ that names the file or binding at fault.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 from typing import Sequence
@@ -60,6 +62,18 @@ def _resolve_file(path: str) -> str:
     raise GinConfigError(f"gin file {path!r} not found (looked in the working directory and {CONFIG_SEARCH_PATHS})")
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """gin logs every include path it tries at ERROR level; failures still raise, so mute those logs."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def parse(files: Sequence[str], bindings: Sequence[str], skip_unknown: bool = False, finalize: bool = True) -> None:
     """Parses gin files then bindings (later wins), with errors that name the culprit."""
     for root in CONFIG_SEARCH_PATHS:
@@ -67,7 +81,8 @@ def parse(files: Sequence[str], bindings: Sequence[str], skip_unknown: bool = Fa
             gin.add_config_file_search_path(root)
     resolved = [_resolve_file(f) for f in files]
     try:
-        gin.parse_config_files_and_bindings(resolved, None, skip_unknown=skip_unknown, finalize_config=False)
+        with _quiet_root_logger():
+            gin.parse_config_files_and_bindings(resolved, None, skip_unknown=skip_unknown, finalize_config=False)
     except (ValueError, KeyError, SyntaxError, IOError) as e:
         raise GinConfigError(f"bad gin file among {resolved}: {e}") from e
     for binding in bindings:

@@ -83,6 +83,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("num_kv_heads", "head_dim", "d_ff"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"ModelConfig.{name}={value!r} must be a positive integer or None")
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"ModelConfig.num_heads={self.num_heads} does not divide d_model={self.d_model}; "
@@ -91,6 +95,9 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.num_kv_heads={self.num_kv_heads} must be a positive divisor of "
                 f"num_heads={self.num_heads}")
+        if self.head_size % 2:
+            raise ValueError(f"ModelConfig head_dim={self.head_size} (d_model={self.d_model}, "
+                             f"num_heads={self.num_heads}) must be even: rotary embeddings rotate pairs")
         if self.rope_scaling not in _ROPE_SCALINGS:
             raise ValueError(f"ModelConfig.rope_scaling={self.rope_scaling!r}; expected one of {_ROPE_SCALINGS}")
         for name in ("dtype", "param_dtype"):

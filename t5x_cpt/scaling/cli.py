@@ -1,0 +1,319 @@
+"""Command line: `python -m t5x_cpt.scaling <command> [flags]` (docs/scaling.md).
+
+Every command prints exactly one JSON object on stdout (and writes it to --out when given); logs
+go to stderr. Bad input prints one message on stderr, a JSON object {"error": ...} on stdout and
+exits with status 2.
+
+  collect   MODEL_DIRs (metrics.jsonl + run_info.json) -> run table CSV
+  fit       one law on a run table (chinchilla | cpt | frontier | frontier_e | forgetting)
+  allocate  compute-optimal N, D (and loss) at budgets from a fit
+  savings   per CPT run: compute saved and tokens transferred against same-size scratch runs
+  plan      recommended N, D for CPT and scratch at a budget, predicted losses and saving
+  compare   fit errors of both laws on both families, and leave-largest-sizes-out errors
+  report    all of the above on one table, plus plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from t5x_cpt.scaling import (allocation, collect, comparison, forgetting, laws, planner,
+                             procedures, savings as savings_mod)
+from t5x_cpt.scaling.tables import ScalingInputError, Table, read_table, write_table
+
+log = logging.getLogger("t5x_cpt.scaling")
+
+FIT_LAWS = ("chinchilla", "cpt", "frontier", "frontier_e", "forgetting")
+DEFAULT_FAMILY = {"chinchilla": "scratch", "cpt": "cpt", "forgetting": "cpt"}
+
+
+# ---- helpers -----------------------------------------------------------------------------
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ScalingInputError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise ScalingInputError(f"{flag}: no values")
+    return vals
+
+
+def _read_json(path: str, flag: str) -> dict:
+    if not path:
+        raise ScalingInputError(f"{flag} is required")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise ScalingInputError(f"{flag}: {path!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ScalingInputError(f"{flag}: {path!r} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ScalingInputError(f"{flag}: {path!r} must hold a JSON object")
+    return data
+
+
+def _bounds(text: str | None) -> dict[str, tuple[float, float]] | None:
+    """"alpha=0:5,beta=0:5" -> {"alpha": (0, 5), ...} (log-space names; empty side = unbounded)."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        try:
+            name, rng = part.split("=")
+            lo, hi = rng.split(":")
+            out[name.strip()] = (float(lo) if lo.strip() else -math.inf,
+                                 float(hi) if hi.strip() else math.inf)
+        except ValueError:
+            raise ScalingInputError(f"--bounds: cannot parse {part!r}; use name=low:high") from None
+    return out
+
+
+def _clean(obj):
+    """JSON-safe copy: numpy -> python, NaN/inf -> None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def _table(args, family_default: str | None = None) -> Table:
+    t = read_table(args.runs)
+    if getattr(args, "language", None):
+        t = t.filter(language=args.language)
+    family = getattr(args, "family", None)
+    if family is None and family_default and t.has("family") and len(t.families()) > 1:
+        family = family_default
+        log.info("table holds families %s: using --family=%s", t.families(), family)
+    if family:
+        t = t.filter(family=family)
+    return t
+
+
+# ---- commands ----------------------------------------------------------------------------
+def cmd_collect(args) -> dict:
+    table = collect.collect(args.model_dirs, language=args.language, loss_key=args.loss_key,
+                            params_key=args.params_key)
+    write_table(args.csv, table)
+    runs = sorted(set(table["run"]))
+    return {"csv": os.path.abspath(args.csv), "rows": len(table), "runs": runs,
+            "families": table.families(), "loss_keys": sorted(set(table["loss_key"])),
+            "columns": list(table.columns)}
+
+
+def cmd_fit(args) -> dict:
+    law_name = args.law
+    budgets = _floats(args.flops, "--flops") if args.flops else []
+    if law_name == "cpt" and not args.frozen and not args.unfrozen:
+        raise ScalingInputError("a CPT fit freezes E, A, alpha at a scratch fit: pass "
+                                "--frozen=<scratch fit JSON> (the paper's two-stage fit), or "
+                                "--unfrozen to fit all six parameters")
+    if args.frozen and law_name != "cpt":
+        raise ScalingInputError("--frozen applies to --law=cpt only")
+    table = _table(args, DEFAULT_FAMILY.get(law_name))
+    t0 = time.perf_counter()
+    if law_name == "forgetting":
+        fit = forgetting.fit_forgetting(table, workers=args.workers)
+        if args.bootstrap:
+            raise ScalingInputError("--bootstrap is not supported for --law=forgetting")
+        out = forgetting.summary(table, fit)
+        out = {**out["fit"], "by_replay_ratio": out["by_replay_ratio"]}
+    elif law_name in ("frontier", "frontier_e"):
+        fit = allocation.fit_frontier(table, with_floor=law_name == "frontier_e", workers=args.workers)
+        out = fit.to_json()
+    else:
+        law = laws.LAWS[law_name]
+        frozen_json = _read_json(args.frozen, "--frozen") if args.frozen else None
+        freeze = procedures.CPT_FROZEN if frozen_json else ()
+        fit = procedures.fit_table(law, table, frozen_params=frozen_json, freeze=freeze,
+                                   grid=args.grid, workers=args.workers, bounds=_bounds(args.bounds))
+        if frozen_json:
+            fit.info["frozen_from"] = os.path.abspath(args.frozen)
+        if args.bootstrap:
+            provider = procedures.scratch_sample_provider(frozen_json) if frozen_json else None
+            if frozen_json and provider is None:
+                fit.warnings.append("the scratch fit has no bootstrap samples: the intervals hold "
+                                    "E, A, alpha fixed and understate the uncertainty (fit the "
+                                    "scratch law with --bootstrap too)")
+            frozen_for = provider or ((lambda i: frozen_json) if frozen_json else None)
+            refit = procedures.coarse_refit(law, fit, frozen_for=frozen_for, freeze=freeze,
+                                            workers=1)
+            procedures.attach_bootstrap(fit, table, refit, n=args.bootstrap, seed=args.seed,
+                                        level=args.level, budgets=budgets)
+        out = fit.to_json()
+        if law_name in ("chinchilla", "cpt"):
+            try:
+                out["allocation"] = allocation.allocation_report(fit.params, budgets or [1e21])
+            except ScalingInputError as e:
+                out["allocation"] = {"error": str(e)}
+    out["family"] = getattr(args, "family", None) or (table.families()[0] if len(table.families()) == 1 else None)
+    out["table"] = os.path.abspath(args.runs)
+    out["seconds"] = time.perf_counter() - t0
+    log.info("%s", " ".join(f"{k}={out[k]:.4g}" for k in fit.law.natural_names()))
+    return out
+
+
+def cmd_allocate(args) -> dict:
+    fit = _read_json(args.fit, "--fit")
+    budgets = _floats(args.flops, "--flops")
+    out = allocation.allocation_report(fit, budgets)
+    boot = fit.get("bootstrap")
+    if boot:
+        from t5x_cpt.scaling import bootstrap as bs
+        names = list(laws.law_from_params(fit).natural_names())
+        samples = bs.samples_as_dicts(boot, names)
+        if samples:
+            level = float(boot.get("level", 0.9))
+            vals: dict[str, list[float]] = {}
+            for s in samples:
+                for k, v in allocation.derived_quantities(s, budgets).items():
+                    vals.setdefault(k, []).append(v)
+            out["intervals"] = {k: bs.percentile_interval(v, level) for k, v in vals.items()}
+            out["interval_level"] = level
+    return out
+
+
+def cmd_savings(args) -> dict:
+    table = read_table(args.runs)
+    if args.language:
+        table = table.filter(language=args.language)
+    scratch = _read_json(args.fit_scratch, "--fit_scratch") if args.fit_scratch else None
+    return savings_mod.savings(table, scratch_params=scratch, compute=args.compute)
+
+
+def cmd_plan(args) -> dict:
+    scratch = _read_json(args.fit_scratch, "--fit_scratch")
+    cpt = _read_json(args.fit_cpt, "--fit_cpt")
+    flops = _floats(args.flops, "--flops")
+    sizes = _floats(args.source_sizes, "--source_sizes") if args.source_sizes else None
+    plans = [planner.plan(scratch, cpt, c, replay_ratio=args.replay_ratio, source_sizes=sizes,
+                          level=args.level) for c in flops]
+    return plans[0] if len(plans) == 1 else {"plans": plans}
+
+
+def cmd_compare(args) -> dict:
+    table = read_table(args.runs)
+    if args.language:
+        table = table.filter(language=args.language)
+    return comparison.compare(table, holdout=args.holdout, grid=args.grid, workers=args.workers)
+
+
+def cmd_report(args) -> dict:
+    from t5x_cpt.scaling import report
+    return report.build(args)
+
+
+COMMANDS = {"collect": cmd_collect, "fit": cmd_fit, "allocate": cmd_allocate,
+            "savings": cmd_savings, "plan": cmd_plan, "compare": cmd_compare, "report": cmd_report}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m t5x_cpt.scaling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, runs=True):
+        sp.add_argument("--out", help="also write the JSON result to this file")
+        sp.add_argument("--workers", type=int, default=None, help="threads for fits (default: CPUs, max 4)")
+        sp.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+        if runs:
+            sp.add_argument("--runs", required=True, help="run table CSV (columns N, D, loss, ...)")
+            sp.add_argument("--language", help="keep rows of this language only")
+
+    sp = sub.add_parser("collect", help="build a run table from MODEL_DIRs")
+    common(sp, runs=False)
+    sp.add_argument("--model_dirs", required=True, help="comma list of directories and/or globs")
+    sp.add_argument("--csv", required=True, help="where to write the run table")
+    sp.add_argument("--language", help="pick the first eval/<task>/loss whose task names this language")
+    sp.add_argument("--loss_key", help="metrics key of the loss, e.g. eval/zh/loss")
+    sp.add_argument("--params_key", default="params", choices=("params", "non_embedding_params"),
+                    help="run_info.json field used as N")
+
+    sp = sub.add_parser("fit", help="fit a law to a run table")
+    common(sp)
+    sp.add_argument("--law", required=True, choices=FIT_LAWS)
+    sp.add_argument("--family", choices=("scratch", "cpt", "source"))
+    sp.add_argument("--frozen", help="scratch fit JSON: freeze E, A, alpha (two-stage CPT fit)")
+    sp.add_argument("--unfrozen", action="store_true", help="CPT fit with all six parameters free")
+    sp.add_argument("--grid", default="full", choices=procedures.GRID_CHOICES)
+    sp.add_argument("--bounds", help="log-space bounds, e.g. alpha=0:5,beta=0:5")
+    sp.add_argument("--bootstrap", type=int, default=0, help="bootstrap replicates over runs")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--level", type=float, default=0.9, help="interval level")
+    sp.add_argument("--flops", help="budgets (comma list) for derived quantities (N_opt@C, ...)")
+
+    sp = sub.add_parser("allocate", help="compute-optimal N, D at budgets")
+    common(sp, runs=False)
+    sp.add_argument("--fit", required=True, help="fit JSON (or hand-written E, A, B, alpha, beta[, gamma])")
+    sp.add_argument("--flops", required=True, help="budget(s) C in FLOPs, comma list")
+
+    sp = sub.add_parser("savings", help="compute saved by CPT runs against scratch runs")
+    common(sp)
+    sp.add_argument("--fit_scratch", help="scratch fit JSON for points outside the scratch curves")
+    sp.add_argument("--compute", default="6nd", choices=("6nd", "flops"))
+
+    sp = sub.add_parser("plan", help="plan a budget: N, D, losses and saving for CPT and scratch")
+    common(sp, runs=False)
+    sp.add_argument("--fit_scratch", required=True)
+    sp.add_argument("--fit_cpt", required=True)
+    sp.add_argument("--flops", required=True, help="budget(s) C in FLOPs, comma list")
+    sp.add_argument("--replay_ratio", type=float, default=0.0)
+    sp.add_argument("--source_sizes", help="sizes of available source models (comma list)")
+    sp.add_argument("--level", type=float, default=None)
+
+    sp = sub.add_parser("compare", help="fit errors and extrapolation errors of both laws")
+    common(sp)
+    sp.add_argument("--holdout", type=int, default=1, help="largest sizes left out")
+    sp.add_argument("--grid", default="full", choices=procedures.GRID_CHOICES)
+
+    sp = sub.add_parser("report", help="everything on one table, plus plots")
+    common(sp)
+    sp.add_argument("--forgetting_runs", help="table of source-language losses of CPT runs")
+    sp.add_argument("--flops", default="1e20,1e21,1e22", help="budgets for allocation and plans")
+    sp.add_argument("--grid", default="full", choices=procedures.GRID_CHOICES)
+    sp.add_argument("--bootstrap", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--level", type=float, default=0.9)
+    sp.add_argument("--holdout", type=int, default=1)
+    sp.add_argument("--plots_dir", help="write PNG figures here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = COMMANDS[args.command](args)
+    except ScalingInputError as e:
+        msg = str(e)
+        print(f"scaling {args.command}: error: {msg}", file=sys.stderr)
+        print(json.dumps({"error": msg, "command": args.command}))
+        return 2
+    result = _clean(result)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    print(text)
+    return 0

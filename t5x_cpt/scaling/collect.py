@@ -1,0 +1,176 @@
+"""Build a run table from training MODEL_DIRs.
+
+Each MODEL_DIR holds what the trainer writes:
+  run_info.json   {"params": N, "non_embedding_params": ..., "family": "scratch"|"cpt"|"source",
+                   "language": ..., "replay_ratio": ..., "run": name, ...}
+  metrics.jsonl   one JSON object per line: step, tokens, flops, train/loss and, on eval steps,
+                  eval/<task>/loss (optionally tokens/<language>: target tokens seen)
+  config.gin      the operative config (not read here)
+
+One row per metrics line that carries the chosen loss key and has seen tokens (> 0):
+  N = run_info[params_key]; D = target-language tokens: `tokens/<language>` when logged, else
+  tokens * (1 - replay_ratio) (the realised ratio the trainer logs per run); loss = that loss;
+  flops = the line's `flops` (cumulative training FLOPs, all languages); loss0 = the same key's
+  value at tokens == 0 (the step-0 eval of the loaded weights), when present.
+
+Required fields: run_info `family` and the params key; every metrics line used needs `tokens`.
+Optional: `run` (defaults to the directory name), `language` (defaults to ""), `replay_ratio`
+(defaults to 0; a CPT run without it is reported on stderr).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+import re
+from typing import Sequence
+
+import numpy as np
+
+from t5x_cpt.scaling.tables import FAMILIES, ScalingInputError, Table, from_rows
+
+log = logging.getLogger(__name__)
+
+EVAL_LOSS = re.compile(r"^eval/(.+)/loss$")
+
+
+def expand_model_dirs(spec: str | Sequence[str]) -> list[str]:
+    """Directories from a comma list of paths and/or globs; each pattern must match something."""
+    parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
+    if not parts:
+        raise ScalingInputError("--model_dirs is empty")
+    out: list[str] = []
+    for p in parts:
+        hits = sorted(h for h in glob.glob(p) if os.path.isdir(h))
+        if not hits:
+            raise ScalingInputError(f"--model_dirs: {p!r} matches no directory")
+        out.extend(h for h in hits if h not in out)
+    return out
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise ScalingInputError(f"{path} does not exist (the trainer writes it into MODEL_DIR)") from None
+    except json.JSONDecodeError as e:
+        raise ScalingInputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ScalingInputError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The JSON objects of a metrics.jsonl file, in order; a malformed line is an error."""
+    if not os.path.isfile(path):
+        raise ScalingInputError(f"{path} does not exist (the trainer writes it into MODEL_DIR)")
+    rows = []
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ScalingInputError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise ScalingInputError(f"{path}:{lineno}: expected a JSON object")
+            rows.append(obj)
+    if not rows:
+        raise ScalingInputError(f"{path}: no metrics lines")
+    return rows
+
+
+def choose_loss_key(metrics: list[dict], language: str | None, loss_key: str | None, where: str) -> str:
+    """The explicit key, else the first eval/<task>/loss key whose task names `language`."""
+    keys: list[str] = []
+    for m in metrics:
+        for k in m:
+            if EVAL_LOSS.match(k) and k not in keys:
+                keys.append(k)
+    if loss_key:
+        if not any(loss_key in m for m in metrics):
+            raise ScalingInputError(f"{where}: no metrics line has {loss_key!r} (eval loss keys "
+                                    f"present: {keys})")
+        return loss_key
+    if language:
+        for k in keys:
+            task = EVAL_LOSS.match(k).group(1)
+            if language in re.split(r"[^A-Za-z0-9]+", task):
+                return k
+        raise ScalingInputError(f"{where}: no eval loss key for language {language!r} (present: "
+                                f"{keys}); pass --loss_key")
+    if len(keys) == 1:
+        return keys[0]
+    raise ScalingInputError(f"{where}: {len(keys)} eval loss keys {keys}; pass --loss_key or --language")
+
+
+def collect_dir(model_dir: str, *, language: str | None = None, loss_key: str | None = None,
+                params_key: str = "params") -> list[dict]:
+    """Table rows of one MODEL_DIR (module docstring)."""
+    info = _read_json(os.path.join(model_dir, "run_info.json"))
+    where = os.path.join(model_dir, "run_info.json")
+    for field in (params_key, "family"):
+        if field not in info or info[field] in (None, ""):
+            raise ScalingInputError(f"{where}: required field {field!r} is missing "
+                                    f"(fields present: {sorted(info)})")
+    family = str(info["family"])
+    if family not in FAMILIES:
+        raise ScalingInputError(f"{where}: family {family!r} is not one of {list(FAMILIES)}")
+    try:
+        n = float(info[params_key])
+    except (TypeError, ValueError):
+        raise ScalingInputError(f"{where}: {params_key}={info[params_key]!r} is not a number") from None
+    if not n > 0:
+        raise ScalingInputError(f"{where}: {params_key} must be positive, got {n:g}")
+    run = str(info.get("run") or os.path.basename(os.path.normpath(model_dir)))
+    run_language = str(info.get("language") or "")
+    if "replay_ratio" in info and info["replay_ratio"] is not None:
+        replay = float(info["replay_ratio"])
+    else:
+        replay = 0.0
+        if family == "cpt":
+            log.warning("%s: no replay_ratio; taking 0", where)
+    metrics = read_metrics(os.path.join(model_dir, "metrics.jsonl"))
+    key = choose_loss_key(metrics, language, loss_key, model_dir)
+    lang_tokens = f"tokens/{run_language}" if run_language else None
+    rows, loss0 = [], math.nan
+    for lineno, m in enumerate(metrics, 1):
+        if key not in m or m[key] is None:
+            continue
+        if "tokens" not in m:
+            raise ScalingInputError(f"{model_dir}/metrics.jsonl line {lineno}: has {key} but no "
+                                    f"'tokens'")
+        tokens = float(m["tokens"])
+        if tokens <= 0:
+            loss0 = float(m[key])
+            continue
+        d = float(m[lang_tokens]) if lang_tokens and lang_tokens in m else tokens * (1.0 - replay)
+        rows.append({"N": n, "D": d, "loss": float(m[key]), "family": family, "run": run,
+                     "language": run_language, "replay_ratio": replay,
+                     "flops": float(m["flops"]) if m.get("flops") is not None else math.nan,
+                     "loss_key": key, "step": float(m.get("step", math.nan)), "tokens": tokens})
+    if not rows:
+        raise ScalingInputError(f"{model_dir}: no evaluated points with {key!r} after step 0")
+    for r in rows:
+        r["loss0"] = loss0
+    return rows
+
+
+def collect(model_dirs: str | Sequence[str], *, language: str | None = None,
+            loss_key: str | None = None, params_key: str = "params") -> Table:
+    """A validated Table from many MODEL_DIRs (glob or comma list)."""
+    rows: list[dict] = []
+    for d in expand_model_dirs(model_dirs):
+        rows.extend(collect_dir(d, language=language, loss_key=loss_key, params_key=params_key))
+    table = from_rows(rows, source="collect")
+    if not np.any(np.isfinite(table["loss0"])):
+        del table.columns["loss0"]
+    if not np.any(np.isfinite(table["flops"])):
+        del table.columns["flops"]
+    return table

@@ -1,0 +1,85 @@
+"""Laws, their log-space form, and compute-optimal allocation (published constants)."""
+import math
+
+import numpy as np
+import pytest
+
+from t5x_cpt.scaling import allocation, laws
+from t5x_cpt.scaling.tables import ScalingInputError
+
+
+def test_lse_form_equals_direct_formula():
+    n = np.array([5e7, 1e9, 5e9])
+    d = np.array([1e9, 2e10, 1e11])
+    p = laws.PUBLISHED_CPT
+    direct = p["E"] + p["A"] / n ** p["alpha"] + p["B"] / (d ** p["beta"] * n ** p["gamma"])
+    np.testing.assert_allclose(laws.CPT.predict(p, N=n, D=d), direct, rtol=1e-13)
+    s = laws.PUBLISHED_SCRATCH
+    direct = s["E"] + s["A"] / n ** s["alpha"] + s["B"] / d ** s["beta"]
+    np.testing.assert_allclose(laws.CHINCHILLA.predict(s, N=n, D=d), direct, rtol=1e-13)
+    np.testing.assert_allclose(allocation.loss(s, n, d), direct, rtol=1e-13)
+
+
+def test_param_names_and_round_trip():
+    assert laws.CHINCHILLA.param_names == ("a", "b", "e", "alpha", "beta")
+    assert laws.CPT.param_names == ("a", "b", "e", "alpha", "beta", "gamma")
+    theta = laws.CPT.from_natural(laws.PUBLISHED_CPT)
+    assert theta["e"] == pytest.approx(math.log(1.55))
+    back = laws.CPT.to_natural(theta)
+    for k, v in laws.PUBLISHED_CPT.items():
+        assert back[k] == pytest.approx(v)
+    with pytest.raises(KeyError):
+        laws.CPT.from_natural(laws.PUBLISHED_SCRATCH)          # no gamma
+
+
+def test_chinchilla_start_grid_has_4500_starts():
+    names, starts = laws.CHINCHILLA.start_grid()
+    assert starts.shape == (4500, 5)
+    assert set(np.unique(starts[:, names.index("alpha")])) == {0.0, 0.5, 1.0, 1.5, 2.0}
+    assert set(np.unique(starts[:, names.index("a")])) == {0.0, 5.0, 10.0, 15.0, 20.0, 25.0}
+    assert set(np.unique(starts[:, names.index("e")])) == {-1.0, -0.5, 0.0, 0.5, 1.0}
+
+
+def test_published_allocation_constants():
+    """PAPER.md: the published coefficient table gives exactly these allocation constants."""
+    s = allocation.constants(laws.PUBLISHED_SCRATCH)
+    assert round(s["a"], 3) == 0.429 and round(s["b"], 3) == 0.571
+    assert round(s["k_N"], 3) == 0.324 and round(s["k_D"], 3) == 0.514
+    c = allocation.constants(laws.PUBLISHED_CPT)
+    assert round(c["a"], 3) == 0.385 and round(c["b"], 3) == 0.615
+    assert round(c["k_N"], 2) == 4.79 and round(c["k_D"], 3) == 0.035
+
+
+def test_optimal_allocation_is_the_minimum_at_fixed_compute():
+    for params in (laws.PUBLISHED_SCRATCH, laws.PUBLISHED_CPT):
+        budget = 3e21
+        opt = allocation.optimal(params, budget)
+        assert 6 * opt["N_opt"] * opt["D_opt"] == pytest.approx(budget, rel=1e-12)
+        ns = opt["N_opt"] * np.geomspace(0.5, 2.0, 41)
+        losses = allocation.loss(params, ns, budget / (6 * ns))
+        assert np.argmin(losses) == 20                          # the middle one is N_opt
+        assert opt["L_opt"] == pytest.approx(losses[20], rel=1e-12)
+
+
+def test_compute_for_loss_inverts_optimal_loss():
+    c = allocation.compute_for_loss(laws.PUBLISHED_SCRATCH, allocation.optimal(
+        laws.PUBLISHED_SCRATCH, 1e22)["L_opt"])
+    assert c == pytest.approx(1e22, rel=1e-8)
+    assert allocation.compute_for_loss(laws.PUBLISHED_SCRATCH, 1.5) == math.inf   # below E
+
+
+def test_allocation_refuses_degenerate_cpt_law():
+    bad = dict(laws.PUBLISHED_CPT, gamma=0.3)                   # beta' <= gamma
+    with pytest.raises(ScalingInputError, match="beta'"):
+        allocation.constants(bad)
+
+
+def test_compute_convention_matches_project_definition():
+    flops = pytest.importorskip("t5x_cpt.flops")
+    assert laws.scaling_compute(1.4e9, 2.8e10) == flops.scaling_compute(1.4e9, 2.8e10)
+
+
+def test_law_from_params():
+    assert laws.law_from_params(laws.PUBLISHED_CPT) is laws.CPT
+    assert laws.law_from_params(laws.PUBLISHED_SCRATCH) is laws.CHINCHILLA
+    assert laws.law_from_params({"law": "frontier", "A": 1, "g": 0.1}) is laws.FRONTIER
