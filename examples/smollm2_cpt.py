@@ -15,7 +15,10 @@ Steps (each skipped when its output already exists, so a rerun resumes):
   6. export      python -m t5x_cpt.convert export --checkpoint=WORK/run --out=WORK/hf
   7. reload      transformers.AutoModelForCausalLM on WORK/hf: same loss as step 5
 Loss is t5x_cpt.trainer.token_losses (the trainer's definition): mean next-token cross-entropy in
-nats over every predicted token of the evaluation windows. A JSON summary is printed at the end.
+nats over every predicted token of the evaluation windows. Per-token loss depends on the tokenizer
+(SmolLM2 splits a Chinese character into ~2 byte tokens, the second of which is easy to predict),
+so bits per UTF-8 byte of the predicted text are reported too; they are comparable across
+languages and before/after a vocabulary extension. A JSON summary is printed at the end.
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ def windows(tokenizer, texts: list[str], length: int, count: int) -> np.ndarray:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
     n = min(count, len(stream) // (length + 1))
     return np.asarray(stream[: n * (length + 1)], dtype=np.int32).reshape(n, length + 1)
+
+
+def bits_per_byte(loss: float, tokenizer, batches: np.ndarray) -> float:
+    """Mean token loss (nats) -> bits per UTF-8 byte of the predicted tokens."""
+    predicted_bytes = sum(len(tokenizer.decode(row[1:]).encode("utf-8")) for row in batches)
+    return float(loss * batches[:, 1:].size / predicted_bytes / np.log(2))
 
 
 def t5x_loss(checkpoint: str, batches: np.ndarray) -> float:
@@ -143,7 +152,9 @@ def main() -> None:
     data = {lang: windows(tokenizer, heldout_texts(lang, 200), args.sequence_length, args.eval_windows)
             for lang in ("en", "zh")}
     summary["loss_before"] = {lang: t5x_loss(source, b) for lang, b in data.items()}
-    print("loss before CPT:", summary["loss_before"], flush=True)
+    summary["bits_per_byte_before"] = {k: bits_per_byte(v, tokenizer, data[k])
+                                       for k, v in summary["loss_before"].items()}
+    print("before CPT: loss", summary["loss_before"], "bits/byte", summary["bits_per_byte_before"], flush=True)
 
     run_dir = os.path.join(work, "run")
     if not os.path.exists(os.path.join(run_dir, "checkpoints")):
@@ -158,7 +169,9 @@ def main() -> None:
             f"--gin.CHECKPOINT_PERIOD={args.train_steps}",
             *extra)
     summary["loss_after"] = {lang: t5x_loss(run_dir, b) for lang, b in data.items()}
-    print("loss after CPT:", summary["loss_after"], flush=True)
+    summary["bits_per_byte_after"] = {k: bits_per_byte(v, tokenizer, data[k])
+                                      for k, v in summary["loss_after"].items()}
+    print("after CPT: loss", summary["loss_after"], "bits/byte", summary["bits_per_byte_after"], flush=True)
 
     exported = os.path.join(work, "hf")
     if not os.path.exists(exported):

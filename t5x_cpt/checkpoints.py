@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any, Mapping
 
 import jax
@@ -225,8 +226,12 @@ class TrainCheckpointManager:
                     data=ocp.args.JsonRestore(),
                     meta=ocp.args.JsonRestore()))
             except Exception as e:  # orbax raises many types for damaged files
-                logging.error("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one",
-                              step, self.directory, type(e).__name__, str(e)[:500])
+                aside = os.path.join(self.directory, f"{step}.unreadable-{int(time.time())}")
+                logging.error("checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and trying "
+                              "the previous one", step, self.directory, type(e).__name__, str(e)[:500], aside)
+                if jax.process_index() == 0:
+                    os.rename(os.path.join(self.directory, str(step)), aside)
+                self._manager.reload()
                 continue
             return step, restored.params, restored.opt_state, restored.data, restored.meta
         if self.all_steps():
@@ -239,3 +244,20 @@ class TrainCheckpointManager:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def gather_host_json(obj: Any) -> list[Any]:
+    """Every process's JSON-able `obj`, in process order (a collective: call it on all hosts).
+
+    Used at checkpoint time only, for the data pipeline's per-host position.
+    """
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(json.dumps(obj).encode("utf-8"), dtype=np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:payload.size] = payload
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(gathered[i, :lengths[i]]).decode("utf-8")) for i in range(len(lengths))]

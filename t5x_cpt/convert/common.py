@@ -21,6 +21,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 HF_CONFIG_FILE = "hf_config.json"
 IMPORT_INFO_FILE = "import_info.json"
 MODEL_GIN_FILE = "model.gin"
@@ -178,7 +180,7 @@ def copy_tokenizer(src_dir: str, dst_dir: str, vocab_size: int, required: bool =
     for name in copied:
         shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
     if size < vocab_size:
-        logging.info("tokenizer has %d ids; embedding rows %d..%d are padding", size, size, vocab_size - 1)
+        log.info("tokenizer has %d ids; embedding rows %d..%d are padding", size, size, vocab_size - 1)
     return {"tokenizer_files": copied, "tokenizer_size": size, "padding_rows": vocab_size - size}
 
 

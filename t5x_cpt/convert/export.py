@@ -23,6 +23,8 @@ import numpy as np
 from t5x_cpt.convert import architectures, common, hf_layout
 from t5x_cpt.convert.common import ConversionError
 
+log = logging.getLogger(__name__)
+
 RUN_INFO_FILE = "run_info.json"
 
 
@@ -68,11 +70,11 @@ def export_checkpoint(checkpoint: str, out: str, step: int | None = None, tokeni
     out_dtype = common.as_dtype(dtype)
     hf["torch_dtype"] = dtype
 
-    from t5x_cpt.convert.importer import _abstract_params
+    from t5x_cpt.convert.importer import abstract_params
     from t5x_cpt.model import Decoder
 
     host_config = config.replace(scan_layers=False, param_dtype="float32", remat="none")
-    params = checkpoints.load_params(checkpoint, _abstract_params(Decoder(host_config)), step=step)
+    params = checkpoints.load_params(checkpoint, abstract_params(Decoder(host_config)), step=step)
     with common.atomic_output_dir(out, overwrite) as tmp:
         tokenizer_facts = common.copy_tokenizer(tokenizer_dir, tmp, config.vocab_size)
         common.write_json(os.path.join(tmp, "config.json"), hf)
@@ -82,7 +84,7 @@ def export_checkpoint(checkpoint: str, out: str, step: int | None = None, tokeni
             "dtype": dtype, "files": files, "tokenizer": tokenizer_facts,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })
-    logging.info("exported %s as %s to %s", checkpoint, family.ARCHITECTURE, out)
+    log.info("exported %s as %s to %s", checkpoint, family.ARCHITECTURE, out)
     return os.path.abspath(out)
 
 

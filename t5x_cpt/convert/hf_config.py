@@ -44,7 +44,8 @@ def rope_from_hf(hf: Mapping[str, Any], default_theta: float, family: str) -> di
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConversionError(
-            f"{family}: rope scaling type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+            f"{family}: rope scaling type {rope_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         raise ConversionError(f"{family}: partial_rotary_factor={partial} is not supported (rotary on all dims only)")

@@ -54,6 +54,10 @@ def _index_map(index_path: str) -> dict[str, str]:
     return {name: os.path.join(directory, f) for name, f in weight_map.items()}
 
 
+def _basenames(mapping: dict[str, str]) -> list[str]:
+    return sorted({os.path.basename(f) for f in mapping.values()})
+
+
 class SafetensorsSource(TensorSource):
     """One or more .safetensors files; file handles are opened lazily and kept open."""
 
@@ -67,7 +71,7 @@ class SafetensorsSource(TensorSource):
         indexes = sorted(glob.glob(os.path.join(directory, "*.safetensors.index.json")))
         if indexes:
             mapping = _index_map(indexes[0])
-            return cls(mapping, {"format": "safetensors", "files": sorted({os.path.basename(f) for f in mapping.values()})})
+            return cls(mapping, {"format": "safetensors", "files": _basenames(mapping)})
         files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
         if not files:
             return None
@@ -136,7 +140,7 @@ class TorchBinSource(TensorSource):
         indexes = sorted(glob.glob(os.path.join(directory, "*.bin.index.json")))
         if indexes:
             mapping = _index_map(indexes[0])
-            return cls(mapping, {"format": "pytorch_bin", "files": sorted({os.path.basename(f) for f in mapping.values()})})
+            return cls(mapping, {"format": "pytorch_bin", "files": _basenames(mapping)})
         files = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
         if not files:
             return None
@@ -151,7 +155,8 @@ class TorchBinSource(TensorSource):
             try:
                 import torch
             except ImportError as e:
-                raise ConversionError(f"reading {path} needs torch (pip install torch), or convert it to safetensors") from e
+                raise ConversionError(f"reading {path} needs torch (pip install torch), "
+                                      "or convert it to safetensors") from e
             self._state = {}
             try:
                 self._state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)

@@ -25,6 +25,8 @@ import numpy as np
 from t5x_cpt.convert.common import ConversionError, unflatten
 from t5x_cpt.convert.hf_files import TensorSource
 
+log = logging.getLogger(__name__)
+
 # Buffers some checkpoints carry that are not weights (recomputed from the config).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")
 
@@ -42,6 +44,10 @@ def _identity(x):
     return x
 
 
+_SAME = (_identity, _identity)
+_TRANSPOSE = (np.transpose, np.transpose)
+
+
 def tensor_specs(config) -> list[TensorSpec]:
     """Every tensor of `config`'s model, in checkpoint order."""
     d, f, v = config.d_model, config.mlp_dim, config.vocab_size
@@ -56,7 +62,7 @@ def tensor_specs(config) -> list[TensorSpec]:
 
     for i in range(config.num_layers):
         hf, p = f"model.layers.{i}", f"layers_{i}"
-        specs.append(TensorSpec(f"{hf}.input_layernorm.weight", (d,), f"{p}/attention_norm/scale", _identity, _identity))
+        specs.append(TensorSpec(f"{hf}.input_layernorm.weight", (d,), f"{p}/attention_norm/scale", *_SAME))
         for name, ours, heads in (("q_proj", "query", h), ("k_proj", "key", kv), ("v_proj", "value", kv)):
             specs.append(TensorSpec(f"{hf}.self_attn.{name}.weight", (heads * hd, d), f"{p}/attention/{ours}/kernel",
                                     *in_proj(heads)))
@@ -65,10 +71,10 @@ def tensor_specs(config) -> list[TensorSpec]:
                                         *bias(heads)))
         specs.append(TensorSpec(f"{hf}.self_attn.o_proj.weight", (d, h * hd), f"{p}/attention/out/kernel",
                                 lambda w: w.T.reshape(h, hd, d), lambda k: k.reshape(h * hd, d).T))
-        specs.append(TensorSpec(f"{hf}.post_attention_layernorm.weight", (d,), f"{p}/mlp_norm/scale", _identity, _identity))
-        specs.append(TensorSpec(f"{hf}.mlp.gate_proj.weight", (f, d), f"{p}/mlp/gate/kernel", np.transpose, np.transpose))
-        specs.append(TensorSpec(f"{hf}.mlp.up_proj.weight", (f, d), f"{p}/mlp/up/kernel", np.transpose, np.transpose))
-        specs.append(TensorSpec(f"{hf}.mlp.down_proj.weight", (d, f), f"{p}/mlp/down/kernel", np.transpose, np.transpose))
+        specs.append(TensorSpec(f"{hf}.post_attention_layernorm.weight", (d,), f"{p}/mlp_norm/scale", *_SAME))
+        specs.append(TensorSpec(f"{hf}.mlp.gate_proj.weight", (f, d), f"{p}/mlp/gate/kernel", *_TRANSPOSE))
+        specs.append(TensorSpec(f"{hf}.mlp.up_proj.weight", (f, d), f"{p}/mlp/up/kernel", *_TRANSPOSE))
+        specs.append(TensorSpec(f"{hf}.mlp.down_proj.weight", (d, f), f"{p}/mlp/down/kernel", *_TRANSPOSE))
     specs.append(TensorSpec("model.norm.weight", (d,), "final_norm/scale", _identity, _identity))
     if not config.tie_embeddings:
         specs.append(TensorSpec("lm_head.weight", (v, d), "lm_head/kernel", np.transpose, np.transpose))
@@ -115,7 +121,7 @@ def read_params(source: TensorSource, config, dtype=None, where: str = "checkpoi
         if not np.array_equal(head.astype(np.float32), flat["embed/embedding"].astype(np.float32)):
             raise ConversionError(f"{where}: tie_word_embeddings is true but lm_head.weight differs from the "
                                   "embedding; the config and the weights disagree")
-        logging.info("%s: ignoring lm_head.weight, a copy of the tied embedding", where)
+        log.info("%s: ignoring lm_head.weight, a copy of the tied embedding", where)
     return unflatten(flat), {"stored_dtypes": sorted(stored_dtypes), "tensors_read": len(specs)}
 
 

@@ -16,10 +16,11 @@ import logging
 import os
 from typing import Any
 
-import numpy as np
 
 from t5x_cpt.convert import architectures, common, hf_files, hf_layout
 from t5x_cpt.convert.common import ConversionError
+
+log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 
@@ -34,7 +35,7 @@ def source_kind(path: str) -> str:
             if f.read(4) == GGUF_MAGIC:
                 return "gguf"
         raise ConversionError(f"{path} is a file but not a GGUF (no GGUF magic); a Hugging Face source is a directory")
-    if os.path.isfile(os.path.join(path, common.HF_CONFIG_FILE)) or os.path.isfile(os.path.join(path, "model_config.json")):
+    if any(os.path.isfile(os.path.join(path, name)) for name in (common.HF_CONFIG_FILE, "model_config.json")):
         return "imported"
     if os.path.isfile(os.path.join(path, "config.json")):
         return "hf"
@@ -65,7 +66,7 @@ class Source:
         self.family, self.config, self.notes = architectures.model_config_from_hf(self.hf_config, where)
         window = self.notes.get("sliding_window")
         if window is not None and window < int(self.hf_config.get("max_position_embeddings") or 0):
-            logging.warning("%s: sliding_window=%d; the imported model attends to the whole sequence, which "
+            log.warning("%s: sliding_window=%d; the imported model attends to the whole sequence, which "
                             "matches the source exactly for sequences of at most %d tokens", self.path, window, window)
 
     def tensors(self) -> hf_files.TensorSource:
@@ -138,7 +139,7 @@ def import_checkpoint(source: str, out: str, tokenizer: str | None = None, dtype
         header = f"{src.family.MODEL_TYPE} model imported from {src.path}\nby python -m t5x_cpt.convert import"
         common.write_imported_dir(tmp, src.config, params, src.hf_config, info, header)
         del params
-    logging.info("imported %s (%s) into %s", src.path, src.family.MODEL_TYPE, out)
+    log.info("imported %s (%s) into %s", src.path, src.family.MODEL_TYPE, out)
     return os.path.abspath(out)
 
 
@@ -152,7 +153,6 @@ def load_pretrained(path: str, step: int | None = None, param_dtype: str | None 
     conversion); `config_overrides` replace ModelConfig fields that do not change the weights'
     shapes (dtype, scan_layers, remat, attention_impl).
     """
-    import jax
     import jax.numpy as jnp
 
     from t5x_cpt import checkpoints
@@ -171,16 +171,18 @@ def load_pretrained(path: str, step: int | None = None, param_dtype: str | None 
             config_overrides["param_dtype"] = param_dtype
         config = config.replace(**config_overrides)
         model = Decoder(config)
-        abstract = _abstract_params(model)
+        abstract = abstract_params(model)
         return model, checkpoints.load_params(path, abstract, step=step)
     src = Source(path)
-    config = src.config.replace(**({"param_dtype": param_dtype} if param_dtype else {}), **config_overrides)
+    config = src.config.replace(**{**({"param_dtype": param_dtype} if param_dtype else {}), **config_overrides})
     params, _ = src.read_params(common.as_dtype(config.param_dtype))
-    params = convert_layer_layout(params, config)
-    return Decoder(config), jax.tree.map(jnp.asarray, params)
+    params = common.flatten(convert_layer_layout(params, config))
+    for key in list(params):  # one tensor at a time, so host copies are freed as device copies appear
+        params[key] = jnp.asarray(params.pop(key))
+    return Decoder(config), common.unflatten(params)
 
 
-def _abstract_params(model):
+def abstract_params(model):
     """The model's params as ShapeDtypeStructs (no memory allocated), without logical-axis boxes."""
     import flax.linen as nn
     import jax

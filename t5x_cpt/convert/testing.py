@@ -209,3 +209,32 @@ def smollm2_gguf() -> str:
         raise FileNotFoundError(f"no .gguf file in {directory}")
     return os.path.join(directory, files[0])
 
+
+def sentencepiece_gguf_metadata(directory: str, text: str, vocab_size: int = 500) -> dict[str, Any]:
+    """Trains a Llama-2-style SentencePiece BPE (byte fallback, no normalisation) on `text` into
+    directory/sp.model and returns the tokenizer metadata a llama.cpp GGUF of it would carry."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    corpus = os.path.join(directory, "sp_corpus.txt")
+    with open(corpus, "w", encoding="utf-8") as f:
+        f.write(text)
+    spm.SentencePieceTrainer.train(input=corpus, model_prefix=os.path.join(directory, "sp"), vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+                                   bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
+                                   # Llama 2 / Mistral normalise nothing; neither do GGUF files
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)
+    proto = pb.ModelProto()
+    with open(os.path.join(directory, "sp.model"), "rb") as f:
+        proto.ParseFromString(f.read())
+    piece = pb.ModelProto.SentencePiece
+    kinds = {piece.NORMAL: 1, piece.UNKNOWN: 2, piece.CONTROL: 3, piece.USER_DEFINED: 4, piece.BYTE: 6}
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [p.piece for p in proto.pieces],
+        "tokenizer.ggml.scores": [p.score for p in proto.pieces],
+        "tokenizer.ggml.token_type": [kinds[p.type] for p in proto.pieces],
+        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_bos_token": False,
+    }
+

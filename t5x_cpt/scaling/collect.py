@@ -8,8 +8,9 @@ Each MODEL_DIR holds what the trainer writes:
   config.gin      the operative config (not read here)
 
 One row per metrics line that carries the chosen loss key and has seen tokens (> 0):
-  N = run_info[params_key]; D = target-language tokens: `tokens/<language>` when logged, else
-  tokens * (1 - replay_ratio) (the realised ratio the trainer logs per run); loss = that loss;
+  N = run_info[params_key]; D = target-language tokens: the sum of the trainer's realised per-task
+  counters `tokens/<task>` over tasks of the run's language (task names are <corpus>_<lang>),
+  else tokens * (1 - replay_ratio); loss = that loss;
   flops = the line's `flops` (cumulative training FLOPs, all languages); loss0 = the same key's
   value at tokens == 0 (the step-0 eval of the loaded weights), when present.
 
@@ -86,8 +87,28 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
+def task_language_is(task: str, language: str) -> bool:
+    """True when the task's language (its last `_` component) is `language`."""
+    return task.rpartition("_")[2] == language
+
+
+def task_mentions(task: str, language: str) -> bool:
+    """True when any alphanumeric component of the task name is `language`."""
+    return language in re.split(r"[^A-Za-z0-9]+", task)
+
+
+def target_tokens(m: dict, language: str) -> float | None:
+    """Tokens of the target language from the trainer's per-task counters tokens/<task>
+    (realised after packing), or None when the line has no counter for that language."""
+    if not language:
+        return None
+    vals = [float(v) for k, v in m.items() if k.startswith("tokens/") and v is not None
+            and task_language_is(k[len("tokens/"):], language)]
+    return sum(vals) if vals else None
+
+
 def choose_loss_key(metrics: list[dict], language: str | None, loss_key: str | None, where: str) -> str:
-    """The explicit key, else the first eval/<task>/loss key whose task names `language`."""
+    """The explicit key, else the first eval/<task>/loss key whose task is in `language`."""
     keys: list[str] = []
     for m in metrics:
         for k in m:
@@ -99,10 +120,12 @@ def choose_loss_key(metrics: list[dict], language: str | None, loss_key: str | N
                                     f"present: {keys})")
         return loss_key
     if language:
-        for k in keys:
-            task = EVAL_LOSS.match(k).group(1)
-            if language in re.split(r"[^A-Za-z0-9]+", task):
-                return k
+        # Task names are <corpus>_<lang> (t5x_cpt.data.tasks): match the last component first,
+        # so a language code that is also a corpus word (lo_help_zh vs "lo") is not mistaken.
+        for match in (task_language_is, task_mentions):
+            for k in keys:
+                if match(EVAL_LOSS.match(k).group(1), language):
+                    return k
         raise ScalingInputError(f"{where}: no eval loss key for language {language!r} (present: "
                                 f"{keys}); pass --loss_key")
     if len(keys) == 1:
@@ -138,7 +161,6 @@ def collect_dir(model_dir: str, *, language: str | None = None, loss_key: str | 
             log.warning("%s: no replay_ratio; taking 0", where)
     metrics = read_metrics(os.path.join(model_dir, "metrics.jsonl"))
     key = choose_loss_key(metrics, language, loss_key, model_dir)
-    lang_tokens = f"tokens/{run_language}" if run_language else None
     rows, loss0 = [], math.nan
     for lineno, m in enumerate(metrics, 1):
         if key not in m or m[key] is None:
@@ -150,7 +172,10 @@ def collect_dir(model_dir: str, *, language: str | None = None, loss_key: str | 
         if tokens <= 0:
             loss0 = float(m[key])
             continue
-        d = float(m[lang_tokens]) if lang_tokens and lang_tokens in m else tokens * (1.0 - replay)
+        realised = target_tokens(m, run_language)
+        d = realised if realised is not None else tokens * (1.0 - replay)
+        if d <= 0:
+            continue
         rows.append({"N": n, "D": d, "loss": float(m[key]), "family": family, "run": run,
                      "language": run_language, "replay_ratio": replay,
                      "flops": float(m["flops"]) if m.get("flops") is not None else math.nan,

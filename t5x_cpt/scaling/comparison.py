@@ -18,6 +18,9 @@ import numpy as np
 from t5x_cpt.scaling import fitting, laws, procedures
 from t5x_cpt.scaling.tables import ScalingInputError, Table
 
+# Extrapolation errors within this relative distance of each other are called a tie.
+TIE_RTOL = 0.05
+
 
 def _errors(fit: fitting.Fit) -> dict:
     out = {"huber_mean": fit.huber_mean, "huber_sum": fit.huber_sum, "rms_log_residual": fit.rms,
@@ -106,7 +109,14 @@ def compare(table: Table, *, holdout: int = 1, grid: str = "full", workers: int 
     extra = extrapolation(table, holdout=holdout, grid=grid, workers=workers)
     verdict = {}
     for fam, entry in extra.items():
-        best = min((k for k in entry if k != "held_out_sizes"),
-                   key=lambda k: entry[k]["rms_log_residual"])
-        verdict[fam] = f"lowest extrapolation error on the held-out largest sizes: {best}"
+        ranked = sorted((k for k in entry if k != "held_out_sizes"),
+                        key=lambda k: entry[k]["mean_abs_rel_error"])
+        best, second = ranked[0], ranked[1]
+        e1, e2 = entry[best]["mean_abs_rel_error"], entry[second]["mean_abs_rel_error"]
+        if e2 - e1 <= TIE_RTOL * e2:
+            verdict[fam] = (f"tie on the held-out largest sizes: {best} and {second} predict within "
+                            f"{TIE_RTOL:.0%} of each other (mean |relative error| {e1:.2%} vs {e2:.2%})")
+        else:
+            verdict[fam] = (f"lowest extrapolation error on the held-out largest sizes: {best} "
+                            f"(mean |relative error| {e1:.2%}; next {second}: {e2:.2%})")
     return {"fit_errors": errors, "extrapolation": extra, "holdout": holdout, "verdict": verdict}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import math
 import os
 import threading
 from typing import Mapping, Sequence
@@ -437,29 +436,11 @@ def diagnose(law: PowerLaw, log_params: Mapping[str, float], columns, free: Sequ
                               if abs(vt[-1, k]) > 0.05)
             out.append(f"flat direction: the predictions barely change along ({combo}); "
                        f"relative singular value {sv[-1] / sv[0]:.1e}")
+    # Exponents of decaying powers should come out positive (gamma may be either sign: it is ~0
+    # on scratch data); a non-positive one means the term does not do what the law assumes.
+    decaying = {pw.exponent for t in law.terms for pw in t.powers if pw.sign > 0} - {"gamma"}
     for p in free:
-        if p in law.coef_names:
-            continue
         v = log_params[p]
-        if v <= 0 and p not in ("gamma",):
+        if p in decaying and v <= 0:
             out.append(f"{p} = {v:.4g} <= 0: the fitted term does not decay; check the data range")
     return out
-
-
-def fit_summary_line(fit: Fit) -> str:
-    """One line for logs: law, parameters, objective."""
-    parts = ", ".join(f"{k}={v:.4g}" for k, v in fit.params.items())
-    return (f"{fit.law.name}: {parts}; huber_sum={fit.huber_sum:.4g}; rms={fit.rms:.3g}; "
-            f"best reached by {fit.n_best}/{fit.n_starts} starts")
-
-
-def log_params_from_json(law: PowerLaw, data: Mapping) -> dict[str, float]:
-    """Log-space parameters from a fit JSON (or hand-written natural parameters)."""
-    try:
-        return law.from_natural(data)
-    except (KeyError, ValueError) as e:
-        raise ScalingInputError(f"fit JSON for law {law.name!r}: {e}") from None
-
-
-def is_finite_params(theta: Mapping[str, float]) -> bool:
-    return all(math.isfinite(v) for v in theta.values())

@@ -33,16 +33,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-# Multiplier of the compute convention C = k N D. The project's one definition is
-# t5x_cpt.flops.scaling_compute (6 N D); it is restated here, not imported, because importing
-# t5x_cpt.flops pulls in the Flax model and the scaling tools must run from tables alone. A test
-# checks that the two agree.
-FLOPS_PER_PARAM_TOKEN = 6.0
-
-
-def scaling_compute(params, tokens):
-    """C = 6 N D, the compute convention of the scaling laws (same as t5x_cpt.flops)."""
-    return FLOPS_PER_PARAM_TOKEN * np.asarray(params, dtype=float) * np.asarray(tokens, dtype=float)
+# The compute convention C = 6 N D has one definition, in t5x_cpt.flops (free of jax imports).
+from t5x_cpt.flops import FLOPS_PER_PARAM_TOKEN, scaling_compute  # noqa: E402,F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)

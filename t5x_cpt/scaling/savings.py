@@ -79,7 +79,9 @@ def savings(table: Table, *, scratch_params: Mapping[str, float] | None = None,
         rows = np.flatnonzero((runs == run) & (fam == "scratch"))
         scratch_runs[run] = (float(table["N"][rows[0]]), rows)
     out_runs = []
-    for run in sorted(set(runs[fam == "cpt"])):
+    cpt_runs = set(runs[fam == "cpt"])
+    size_of = {r: float(table["N"][np.flatnonzero((runs == r) & (fam == "cpt"))[0]]) for r in cpt_runs}
+    for run in sorted(cpt_runs, key=lambda r: (size_of[r], r)):       # by size, then name
         rows = np.flatnonzero((runs == run) & (fam == "cpt"))
         n = float(table["N"][rows[0]])
         same = [(r, rs) for r, (ns, rs) in scratch_runs.items() if abs(ns - n) <= SIZE_RTOL * n]
