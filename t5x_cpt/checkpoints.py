@@ -29,6 +29,21 @@ PARAMS_ITEM = "params"
 MODEL_CONFIG_FILE = "model_config.json"
 
 
+def absolute(path: str) -> str:
+    """An absolute local path, or a URL (gs://...) unchanged."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _epath(path: str):
+    from etils import epath  # orbax's path layer: local files and gs:// alike
+
+    return epath.Path(absolute(path))
+
+
+def path_exists(path: str) -> bool:
+    return _epath(path).exists()
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not match the model it is loaded into."""
 
@@ -41,7 +56,7 @@ def _ocp():
 def save_params(directory: str, params: Mapping[str, Any]) -> str:
     """Writes `params` as the `params` item under `directory` and waits until it is on disk."""
     ocp = _ocp()
-    path = os.path.join(os.path.abspath(directory), PARAMS_ITEM)
+    path = os.path.join(absolute(directory), PARAMS_ITEM)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, params)
     checkpointer.wait_until_finished()
@@ -54,12 +69,12 @@ def find_params_dir(path: str, step: int | None = None) -> str:
 
     For a MODEL_DIR the latest complete step is used unless `step` is given.
     """
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
+    path = absolute(path)
+    if not path_exists(path):
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    if step is None and os.path.isdir(os.path.join(path, PARAMS_ITEM)):
+    if step is None and _epath(os.path.join(path, PARAMS_ITEM)).is_dir():
         return os.path.join(path, PARAMS_ITEM)
-    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    root = os.path.join(path, "checkpoints") if _epath(os.path.join(path, "checkpoints")).is_dir() else path
     steps = available_steps(root)
     if not steps:
         raise CheckpointError(f"no parameters found under {path}: expected {PARAMS_ITEM}/ or checkpoints/<step>/")
@@ -72,10 +87,10 @@ def find_params_dir(path: str, step: int | None = None) -> str:
 
 def available_steps(checkpoints_dir: str) -> list[int]:
     """Completed steps under a checkpoints directory (orbax's temporary directories excluded)."""
-    if not os.path.isdir(checkpoints_dir):
+    root = _epath(checkpoints_dir)
+    if not root.is_dir():
         return []
-    return sorted(int(name) for name in os.listdir(checkpoints_dir)
-                  if name.isdigit() and os.path.isdir(os.path.join(checkpoints_dir, name)))
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def _flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -161,19 +176,18 @@ def _num_layers(params: Mapping[str, Any]) -> int:
 
 def write_model_config(directory: str, config) -> None:
     """Stores the ModelConfig next to a checkpoint, so tools can rebuild the model without gin."""
-    with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+    _epath(os.path.join(directory, MODEL_CONFIG_FILE)).write_text(
+        json.dumps(config.to_dict(), indent=2, sort_keys=True))
 
 
 def read_model_config(directory: str):
     """The ModelConfig stored by `write_model_config` in `directory` (or None if there is none)."""
     from t5x_cpt.model import ModelConfig
 
-    path = os.path.join(directory, MODEL_CONFIG_FILE)
-    if not os.path.exists(path):
+    path = _epath(os.path.join(directory, MODEL_CONFIG_FILE))
+    if not path.exists():
         return None
-    with open(path) as f:
-        fields = json.load(f)
+    fields = json.loads(path.read_text())
     known = set(ModelConfig.__dataclass_fields__)
     unknown = set(fields) - known
     if unknown:
@@ -188,7 +202,7 @@ class TrainCheckpointManager:
 
     def __init__(self, model_dir: str, keep: int = 3, async_save: bool = True):
         ocp = _ocp()
-        self.directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
+        self.directory = os.path.join(absolute(model_dir), "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=self.ITEMS)
 
@@ -230,7 +244,7 @@ class TrainCheckpointManager:
                 logging.error("checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and trying "
                               "the previous one", step, self.directory, type(e).__name__, str(e)[:500], aside)
                 if jax.process_index() == 0:
-                    os.rename(os.path.join(self.directory, str(step)), aside)
+                    _epath(os.path.join(self.directory, str(step))).rename(aside)
                 self._manager.reload()
                 continue
             return step, restored.params, restored.opt_state, restored.data, restored.meta

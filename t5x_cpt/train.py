@@ -96,7 +96,7 @@ def train(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, batch_
         raise TrainingError(f"batch_size={batch_size} is not divisible by the {jax.process_count()} hosts")
 
     is_primary = jax.process_index() == 0
-    model_dir = os.path.abspath(model_dir)
+    model_dir = checkpoints.absolute(model_dir)
     config = ModelConfig()
     mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
@@ -110,6 +110,15 @@ def train(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, batch_
         raise TrainingError(f"MODEL_DIR {model_dir} belongs to a different model: "
                             + "; ".join(_architecture_differences(stored_config, config))
                             + ". Use a new MODEL_DIR or the matching model gin file.")
+
+    resuming = bool(checkpoints.available_steps(os.path.join(model_dir, "checkpoints")))
+    if source_checkpoint and not resuming:  # checked before the (slow) data pipeline is built
+        if not checkpoints.path_exists(source_checkpoint):
+            raise TrainingError(f"source checkpoint {source_checkpoint} does not exist")
+        source_config = checkpoints.read_model_config(source_checkpoint)
+        if source_config is not None and _architecture_differences(source_config, config):
+            raise TrainingError(f"source checkpoint {source_checkpoint} has a different architecture: "
+                                + "; ".join(_architecture_differences(source_config, config)))
 
     vocab_size = vocabularies.vocab_size()
     if vocab_size > config.vocab_size:
@@ -138,13 +147,6 @@ def train(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, batch_
             host = meta["host_counters"]
         elif source_checkpoint:
             init_mode = "source"
-            source_config = checkpoints.read_model_config(os.path.abspath(source_checkpoint)) \
-                if os.path.isdir(source_checkpoint) else None
-            if not os.path.exists(source_checkpoint):
-                raise TrainingError(f"source checkpoint {source_checkpoint} does not exist")
-            if source_config is not None and _architecture_differences(source_config, config):
-                raise TrainingError(f"source checkpoint {source_checkpoint} has a different architecture: "
-                                    + "; ".join(_architecture_differences(source_config, config)))
             try:
                 params = checkpoints.load_params(source_checkpoint, abstract, shardings.params)
             except checkpoints.CheckpointError as e:
@@ -160,7 +162,7 @@ def train(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, batch_
         flops_per_token = flops.train_flops_per_token(config, sequence_length)
         run_info = {"run": os.path.basename(model_dir), "family": "cpt" if source_checkpoint else family,
                     "language": language, "replay_ratio": replay_ratio, "init_mode": init_mode,
-                    "source_checkpoint": os.path.abspath(source_checkpoint) if source_checkpoint else None,
+                    "source_checkpoint": checkpoints.absolute(source_checkpoint) if source_checkpoint else None,
                     "params": counts["params"], "non_embedding_params": counts["non_embedding_params"],
                     "train_flops_per_token": flops_per_token, "sequence_length": sequence_length,
                     "batch_size": batch_size, "train_steps": train_steps, "tasks": task_names,
@@ -172,7 +174,8 @@ def train(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, batch_
                     json.dump(run_info, f, indent=2)
 
         writer = MetricsWriter(model_dir, train_steps, enabled=is_primary)
-        writer.truncate_after(start_step)
+        # Drop what a killed run logged after its checkpoint (everything, if it had none).
+        writer.truncate_after(start_step if start_step > 0 else -1)
         batch_sharding = partitioning.batch_sharding(mesh, rules)
         eval_sets = {task: [_global_batch(b, batch_sharding) for b in data_pipeline.make_eval_batches(
             task_name=task, sequence_length=sequence_length, batch_size=eval_batch_size or batch_size,

@@ -158,6 +158,9 @@ def test_existing_output_is_not_overwritten(pristine, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     _fails(tmp_path, capsys, ["import", f"--source={pristine / 'single'}"], "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
+    assert cli.main(["import", f"--source={pristine / 'single'}", f"--out={out}", "--overwrite"]) == 0
+    assert sorted(os.listdir(out.parent)) == ["result"] and (out / "params").is_dir()
+    assert not (out / "keep.txt").exists()
 
 
 def test_export_needs_a_checkpoint_and_a_tokenizer(pristine, tmp_path, capsys):

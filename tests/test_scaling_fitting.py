@@ -103,6 +103,59 @@ def test_batched_lbfgs_matches_scipy_on_rosenbrock():
     assert res.fun[0] <= ref.fun + 1e-10
 
 
+def test_batched_lbfgs_pruning_keeps_rows_intact():
+    """Rows are independent: pruning at the screening iteration stops the rejected rows there
+    (status 5) and leaves the kept rows' trajectories exactly as without pruning."""
+    def rosen(x):
+        a, b = x[:, 0], x[:, 1]
+        f = (1 - a) ** 2 + 100 * (b - a * a) ** 2
+        g = np.column_stack([-2 * (1 - a) - 400 * a * (b - a * a), 200 * (b - a * a)])
+        return f, g
+
+    x0 = np.random.default_rng(2).uniform(-2, 2, size=(60, 2))
+    full = lbfgs.minimize_batched(rosen, x0, gtol=1e-10, ftol=1e-15)
+    seen = {}
+
+    def keep(current):
+        seen["current"] = current.copy()
+        return current <= np.quantile(current, 0.25)
+
+    pruned = lbfgs.minimize_batched(rosen, x0, gtol=1e-10, ftol=1e-15, screen_iter=3, keep=keep)
+    dropped = pruned.status == 5
+    assert dropped.any() and not dropped.all()
+    assert np.all(pruned.nit[dropped] == 3)
+    np.testing.assert_array_equal(pruned.fun[dropped], seen["current"][dropped])
+    np.testing.assert_array_equal(pruned.x[~dropped], full.x[~dropped])
+    np.testing.assert_array_equal(pruned.nit[~dropped], full.nit[~dropped])
+    assert pruned.nfev < full.nfev
+
+
+@pytest.mark.parametrize("noise,outliers,seed", [(0.005, 0.03, 11), (0.02, 0.10, 20)])
+def test_pruned_full_grid_reaches_the_unpruned_best(noise, outliers, seed):
+    """Start pruning (fitting.PRUNE_*) must not change the optimum: on noisy synthetic tables
+    with outliers, the pruned 4,500-start fit reaches the best objective of the fit that runs
+    every start to convergence, and n_best counts only starts that were not pruned."""
+    t = synthetic.study(TRUE_S, family="scratch", noise=noise, outliers=outliers, seed=seed)
+    cols, loss = {"N": t["N"], "D": t["D"]}, t["loss"]
+    pruned = fitting.fit_law(laws.CHINCHILLA, cols, loss)
+    full = fitting.fit_law(laws.CHINCHILLA, cols, loss, prune=False)
+    assert pruned.n_starts == full.n_starts == 4500
+    assert full.info["optimizer"]["pruned"] == 0
+    n_pruned = pruned.info["optimizer"]["pruned"]
+    assert n_pruned >= 4000                              # most starts stop at the screen
+    assert pruned.huber_sum == pytest.approx(full.huber_sum, rel=1e-6)
+    assert 1 <= pruned.n_best <= min(full.n_best, 4500 - n_pruned)
+    assert pruned.info["optimizer"]["nfev_rows"] < 0.5 * full.info["optimizer"]["nfev_rows"]
+    for k in ("E", "A", "B", "alpha", "beta"):
+        assert pruned.params[k] == pytest.approx(full.params[k], rel=1e-4)
+
+
+def test_small_grids_are_not_pruned(scratch_table):
+    fit = procedures.fit_table(laws.CHINCHILLA, scratch_table, grid="coarse")
+    assert fit.n_starts < fitting.PRUNE_MIN_STARTS
+    assert fit.info["optimizer"]["pruned"] == 0
+
+
 def test_batched_lbfgs_respects_bounds():
     quad = lambda x: (((x - 3.0) ** 2).sum(axis=1), 2 * (x - 3.0))
     res = lbfgs.minimize_batched(quad, np.zeros((3, 2)), lower=np.array([-1.0, -1.0]),

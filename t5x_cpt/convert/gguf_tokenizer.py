@@ -42,7 +42,8 @@ BYTE_LEVEL_PRE = {
 CONTROL, USER_DEFINED = 3, 4
 
 
-def write_gguf_tokenizer(metadata: Mapping[str, Any], directory: str) -> dict[str, Any]:
+def write_gguf_tokenizer(metadata: Mapping[str, Any], directory: str,
+                         model_max_length: int | None = None) -> dict[str, Any]:
     """Writes tokenizer.json and tokenizer_config.json for the GGUF `metadata` into `directory`."""
     kind = metadata.get("tokenizer.ggml.model")
     tokens = list(metadata.get("tokenizer.ggml.tokens") or [])
@@ -65,7 +66,7 @@ def write_gguf_tokenizer(metadata: Mapping[str, Any], directory: str) -> dict[st
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos, "add_eos_token": add_eos,
-        "clean_up_tokenization_spaces": False, "model_max_length": int(metadata.get("_context_length", 1 << 30)),
+        "clean_up_tokenization_spaces": False, "model_max_length": int(model_max_length or 1 << 30),
         **specials,
     }
     if metadata.get("tokenizer.chat_template"):

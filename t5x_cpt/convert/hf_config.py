@@ -135,6 +135,10 @@ def common_to_hf(config, base: Mapping[str, Any] | None) -> dict[str, Any]:
         "hidden_act": "silu",
     })
     out.update(rope_to_hf(config))
-    out.setdefault("max_position_embeddings", max(2048, config.rope_original_max_position
-                                                  if config.rope_scaling == "llama3" else 2048))
+    # Unknown without a base config (it does not change the weights' function); llama3 scaling
+    # says which context it was stretched to.
+    default_positions = 2048
+    if config.rope_scaling == "llama3":
+        default_positions = int(config.rope_original_max_position * config.rope_scaling_factor)
+    out.setdefault("max_position_embeddings", default_positions)
     return out

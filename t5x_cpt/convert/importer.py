@@ -66,8 +66,8 @@ class Source:
         self.family, self.config, self.notes = architectures.model_config_from_hf(self.hf_config, where)
         window = self.notes.get("sliding_window")
         if window is not None and window < int(self.hf_config.get("max_position_embeddings") or 0):
-            log.warning("%s: sliding_window=%d; the imported model attends to the whole sequence, which "
-                            "matches the source exactly for sequences of at most %d tokens", self.path, window, window)
+            log.warning("%s: sliding_window=%d; the imported model attends to the whole sequence, which matches "
+                        "the source exactly for sequences of at most %d tokens", self.path, window, window)
 
     def tensors(self) -> hf_files.TensorSource:
         if self.gguf is not None:
@@ -92,8 +92,8 @@ class Source:
             return {"tokenizer_from": self.path, **common.copy_tokenizer(self.path, directory, self.config.vocab_size)}
         from t5x_cpt.convert.gguf_tokenizer import write_gguf_tokenizer
 
-        metadata = dict(self.gguf.tokenizer_metadata(), _context_length=self.hf_config["max_position_embeddings"])
-        facts = write_gguf_tokenizer(metadata, directory)
+        facts = write_gguf_tokenizer(self.gguf.tokenizer_metadata(), directory,
+                                     model_max_length=self.hf_config["max_position_embeddings"])
         size = common.tokenizer_size(directory)
         if size > self.config.vocab_size:
             raise ConversionError(f"vocab size mismatch: the GGUF tokenizer has {size} tokens but the embedding has "

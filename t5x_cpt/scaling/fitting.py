@@ -17,10 +17,15 @@ Two things make the batched fit fast without changing the problem:
     O(1e-3 * points), so its relative stopping tests mean the same thing on every table.
 Reported objectives are in the original units.
 
+A large grid is pruned (PRUNE_* below): all starts run a few iterations, then only the most
+promising few percent run to convergence. Most of a 4,500-start grid ends at poor local optima or
+plateaus and is recognisable early, so this cuts the work ~5x without changing the optimum
+(tested against the unpruned fit); `prune=False` runs every start to convergence.
+
 A fit reports: natural and log-space parameters, the objective (sum and mean Huber), the RMS and
-mean absolute log-residual, how many starts reached the best objective, and warnings (a parameter
-at a bound, a direction in which the predictions are flat, an implausible sign, starts that did
-not converge).
+mean absolute log-residual, how many starts reached the best objective (among the starts not
+pruned), and warnings (a parameter at a bound, a direction in which the predictions are flat, an
+implausible sign, starts that did not converge).
 """
 
 from __future__ import annotations
@@ -45,6 +50,22 @@ HUBER_DELTA = 1e-3
 SCREEN_FTOL, SCREEN_GTOL = 1e-8, 1e-5
 POLISH_FTOL, POLISH_GTOL = 1e-14, 1e-10
 POLISH_STARTS = 8
+# Start pruning (large grids only). Most of a 4,500-start grid heads for poor local optima or
+# plateaus, and that is visible early. Every start runs PRUNE_AFTER iterations; then only the
+# best PRUNE_KEEP fraction (at least PRUNE_KEEP_MIN starts), plus any start within PRUNE_MARGIN
+# (relative) of the best current objective, continue to convergence; the rest stop there
+# (status "pruned"). Why these values (measured, not guessed): on 9 noisy synthetic tables with
+# outliers (Chinchilla, 4,500 starts) the 10 best-ranked starts after even 3 iterations all went
+# on to the best optimum, and on 4 more, keeping only 2% after 5 iterations still reached it; for
+# the unfrozen CPT law (13,500 starts, 4 tables) the best-ranked such start was at rank <= 18
+# and the 10th at <= 59 after 5 iterations. Keeping 5% (225 / 675 starts) at 5
+# iterations leaves a margin of >10x over the worst case seen, at ~1/5 of the unpruned work.
+# Grids smaller than PRUNE_MIN_STARTS (the coarse grid, bootstrap refits) are run in full.
+PRUNE_MIN_STARTS = 1000
+PRUNE_AFTER = 5
+PRUNE_KEEP = 0.05
+PRUNE_KEEP_MIN = 100
+PRUNE_MARGIN = 0.1
 # A start "reached the best objective" when within this relative distance of the best.
 BEST_RTOL = 1e-6
 
@@ -140,6 +161,7 @@ class Objective:
             feats[nf] = const
             self._features.append((feats, feats[:nf].T.copy()))
             self._centres.append((coef_i, centres))
+        self._has_rowwise = bool(np.any(self._const_rowwise))
 
     # ---- coordinates -------------------------------------------------------------------
     def to_internal(self, theta: np.ndarray) -> np.ndarray:
@@ -204,23 +226,26 @@ class Objective:
         x_aug = np.empty((rows, nf + 1))
         x_aug[:, :nf] = x
         x_aug[:, nf] = 1.0
-        # Sum of the terms, in exp space.
-        if self._features:
-            for (feats, _), et in zip(self._features, terms):
-                np.matmul(x_aug, feats, out=et)
-                np.exp(et, out=et)
-            np.copyto(total, terms[0])
-            for et in terms[1:len(self._features)]:
+        # Sum of the terms, in exp space, in as few passes over (rows, n) as possible: the first
+        # two terms are added straight into `total`, and all constant terms (one value per row)
+        # are summed per row before their single broadcast pass.
+        k = len(self._features)
+        for (feats, _), et in zip(self._features, terms):
+            np.matmul(x_aug, feats, out=et)
+            np.exp(et, out=et)
+        if k >= 2:
+            np.add(terms[0], terms[1], out=total)
+            for et in terms[2:k]:
                 total += et
+        elif k == 1:
+            np.copyto(total, terms[0])
         else:
             total.fill(0.0)
-        if np.any(self._const_rowwise):
+        if self._has_rowwise:
             total += self._const_rowwise
-        const_vals = []
-        for coef_i, cst in self._const_free:
-            ev = np.exp(x[:, coef_i] + cst)
-            const_vals.append(ev)
-            total += ev[:, None]
+        const_vals = [np.exp(x[:, coef_i] + cst) for coef_i, cst in self._const_free]
+        if const_vals:
+            total += sum(const_vals)[:, None]
         # Residuals and the Huber sum.
         np.log(total, out=r)
         r -= self.y
@@ -232,8 +257,10 @@ class Objective:
         for (_, feats_t), et in zip(self._features, terms):
             et *= c
             g_out += et @ feats_t
-        for (coef_i, _), ev in zip(self._const_free, const_vals):
-            g_out[:, coef_i] += ev * c.sum(axis=1)
+        if const_vals:
+            c_sum = c.sum(axis=1)
+            for (coef_i, _), ev in zip(self._const_free, const_vals):
+                g_out[:, coef_i] += ev * c_sum
         g_out /= self.delta
         bad = ~np.isfinite(f_out)
         if bad.any():
@@ -289,7 +316,7 @@ def fit_law(law: PowerLaw, columns: Mapping[str, np.ndarray], loss: np.ndarray, 
             extra_starts: np.ndarray | None = None,
             bounds: Mapping[str, tuple[float, float]] | None = None,
             delta: float = HUBER_DELTA, workers: int | None = None,
-            max_iter: int = 1000) -> Fit:
+            max_iter: int = 1000, prune: bool = True) -> Fit:
     """Fit `law` to rows (`columns[var]`, `loss`) from a grid of starts; keep the best.
 
     Args:
@@ -304,6 +331,9 @@ def fit_law(law: PowerLaw, columns: Mapping[str, np.ndarray], loss: np.ndarray, 
       delta: Huber delta.
       workers: threads evaluating the objective (default: CPUs, at most 4).
       max_iter: L-BFGS iterations per start.
+      prune: screen the starts of a large grid (PRUNE_* above); False runs every start to
+        convergence. With pruning, `n_best` counts the starts that reached the best objective
+        among those not pruned (pruned starts stopped early, so they never count).
     """
     frozen = dict(frozen or {})
     loss = np.asarray(loss, dtype=float)
@@ -327,8 +357,11 @@ def fit_law(law: PowerLaw, columns: Mapping[str, np.ndarray], loss: np.ndarray, 
         obj = Objective(law, columns, loss, frozen=frozen, delta=delta, pool=pool)
         lo_i, hi_i = _internal_bounds(obj, lower, upper)
         x0 = obj.to_internal(np.clip(starts, lower, upper))
+        pruning = prune and len(x0) >= PRUNE_MIN_STARTS
         res = lbfgs.minimize_batched(obj, x0, lower=lo_i, upper=hi_i, max_iter=max_iter,
-                                     ftol=SCREEN_FTOL, gtol=SCREEN_GTOL)
+                                     ftol=SCREEN_FTOL, gtol=SCREEN_GTOL,
+                                     screen_iter=PRUNE_AFTER if pruning else None,
+                                     keep=_keep_competitive if pruning else None)
         _polish(obj, res, lo_i, hi_i, max_iter)
     finally:
         if pool is not None:
@@ -350,6 +383,7 @@ def fit_law(law: PowerLaw, columns: Mapping[str, np.ndarray], loss: np.ndarray, 
     if skipped:
         warnings.append(f"{skipped} starts skipped: objective not finite there")
     info = {"optimizer": {"nfev_rows": int(res.nfev), "max_iter": max_iter, "stopped_at_max_iter": capped,
+                          "pruned": int(np.sum(res.status == 5)),
                           "status_counts": {lbfgs.STATUS[k]: int(np.sum(res.status == k))
                                             for k in lbfgs.STATUS if np.any(res.status == k)},
                           "best_status": lbfgs.STATUS[int(res.status[best])]}}
@@ -357,6 +391,20 @@ def fit_law(law: PowerLaw, columns: Mapping[str, np.ndarray], loss: np.ndarray, 
                huber_mean=float(h.mean()), rms=float(np.sqrt(np.mean(r * r))),
                mae=float(np.mean(np.abs(r))), n_points=int(loss.size), n_starts=int(len(starts)),
                n_best=n_best, warnings=warnings, info=info)
+
+
+def _keep_competitive(current: np.ndarray) -> np.ndarray:
+    """Pruning rule (PRUNE_* above): which starts continue, from every start's current
+    objective (inf where skipped). The objective is a sum of Huber losses, >= 0, so a
+    relative margin is meaningful."""
+    finite = np.isfinite(current)
+    if not finite.any():
+        return finite
+    n_keep = max(PRUNE_KEEP_MIN, int(np.ceil(PRUNE_KEEP * current.size)))
+    keep = np.zeros(current.size, dtype=bool)
+    keep[np.argsort(current)[:n_keep]] = True           # infs sort last
+    keep |= current <= current[finite].min() * (1.0 + PRUNE_MARGIN)
+    return keep & finite
 
 
 def _polish(obj: Objective, res: lbfgs.BatchResult, lo, hi, max_iter: int) -> None:

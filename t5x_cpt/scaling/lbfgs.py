@@ -40,9 +40,12 @@ STATUS = {
     2: "stopped: line search found no decrease (precision limit)",
     3: "stopped: max_iter reached",
     4: "skipped: objective not finite at the start",
+    5: "pruned: objective not competitive at the screening iteration",
 }
 
 Objective = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
+# keep(current objectives of all rows (S,), inf where skipped) -> (S,) bool: rows to continue.
+KeepRule = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclasses.dataclass
@@ -57,7 +60,8 @@ class BatchResult:
 
 def minimize_batched(fun: Objective, x0: np.ndarray, *, lower=None, upper=None, memory: int = 10,
                      max_iter: int = 1000, gtol: float = 1e-9, ftol: float = 1e-12,
-                     max_backtracks: int = 40, max_extrapolations: int = 10) -> BatchResult:
+                     max_backtracks: int = 40, max_extrapolations: int = 10,
+                     screen_iter: int | None = None, keep: KeepRule | None = None) -> BatchResult:
     """Minimise every row of `x0` independently (module docstring).
 
     Args:
@@ -69,6 +73,10 @@ def minimize_batched(fun: Objective, x0: np.ndarray, *, lower=None, upper=None, 
       max_iter, gtol, ftol: stopping rules (module docstring).
       max_backtracks: line-search trials before a row is declared stuck.
       max_extrapolations: step-growing trials (x4 each) when a full step still descends steeply.
+      screen_iter, keep: optional pruning. After `screen_iter` iterations, `keep` sees every
+        row's current objective (final for rows already stopped) and returns which rows to
+        continue; active rows it rejects stop there with status 5. Their curvature history is
+        not lost for the rows that go on (pruning happens inside the loop, not by a restart).
     """
     x0 = np.array(x0, dtype=float, ndmin=2)
     p = x0.shape[1]
@@ -76,11 +84,11 @@ def minimize_batched(fun: Objective, x0: np.ndarray, *, lower=None, upper=None, 
     hi = np.full(p, np.inf) if upper is None else np.asarray(upper, dtype=float)
     return _run(fun, np.clip(x0, lo, hi), lo=lo, hi=hi, memory=memory, max_iter=max_iter,
                 gtol=gtol, ftol=ftol, max_backtracks=max_backtracks,
-                max_extrapolations=max_extrapolations)
+                max_extrapolations=max_extrapolations, screen_iter=screen_iter, keep_rule=keep)
 
 
 def _run(fun, x0, *, lo, hi, memory, max_iter, gtol, ftol, max_backtracks,
-         max_extrapolations) -> BatchResult:
+         max_extrapolations, screen_iter, keep_rule) -> BatchResult:
     s_rows, p = x0.shape
     out_x, out_f = x0.copy(), np.full(s_rows, np.inf)
     out_status = np.full(s_rows, 3)
@@ -212,6 +220,17 @@ def _run(fun, x0, *, lo, hi, memory, max_iter, gtol, ftol, max_backtracks,
             idx, x, f, g = idx[live], x[live], f[live], g[live]
             hist_s, hist_y = hist_s[:, live], hist_y[:, live]
             rho, valid, gamma = rho[:, live], valid[:, live], gamma[live]
+        if keep_rule is not None and it + 1 == screen_iter and idx.size:
+            current = out_f.copy()
+            current[idx] = f
+            drop = ~np.asarray(keep_rule(current), dtype=bool)[idx]
+            if drop.any():
+                rows = idx[drop]
+                out_x[rows], out_f[rows], out_status[rows] = x[drop], f[drop], 5
+                live = ~drop
+                idx, x, f, g = idx[live], x[live], f[live], g[live]
+                hist_s, hist_y = hist_s[:, live], hist_y[:, live]
+                rho, valid, gamma = rho[:, live], valid[:, live], gamma[live]
     # Rows still active hit max_iter (status 3 preset).
     out_x[idx], out_f[idx] = x, f
     return BatchResult(x=out_x, fun=out_f, status=out_status, nit=out_nit, nfev=nfev)

@@ -55,9 +55,10 @@ def fit_table(law: PowerLaw, table: Table, *, frozen_params: Mapping[str, float]
               freeze: Sequence[str] = (), grid: str | Mapping = "full",
               extra_starts: np.ndarray | None = None, workers: int | None = None,
               bounds: Mapping[str, tuple[float, float]] | None = None,
-              max_iter: int = 1000) -> fitting.Fit:
+              max_iter: int = 1000, prune: bool = True) -> fitting.Fit:
     """Fit `law` to the table's N, D, loss; `freeze` names log-space parameters taken from
-    `frozen_params` (natural values, e.g. a scratch fit's E, A, alpha)."""
+    `frozen_params` (natural values, e.g. a scratch fit's E, A, alpha). `prune`: see
+    fitting.fit_law (screening of large start grids)."""
     frozen = {}
     if freeze:
         if frozen_params is None:
@@ -67,7 +68,7 @@ def fit_table(law: PowerLaw, table: Table, *, frozen_params: Mapping[str, float]
         frozen = {k: full[k] for k in freeze}
     fit = fitting.fit_law(law, law_columns(law, table), table["loss"], frozen=frozen,
                           grid=law_grid(law, grid, tuple(frozen)), extra_starts=extra_starts,
-                          workers=workers, bounds=bounds, max_iter=max_iter)
+                          workers=workers, bounds=bounds, max_iter=max_iter, prune=prune)
     fit.info["n_runs"] = int(len(set(table.run_ids())))
     return fit
 
