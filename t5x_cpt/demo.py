@@ -191,9 +191,14 @@ def _interpretation(summary: dict) -> str:
             notes.append(f"CPT to {name} reached scratch's final loss with {100 * cpt['flops_saved_fraction']:.0f}% "
                          "fewer FLOPs.")
         else:
-            notes.append(f"CPT to {name} did not reach scratch's final loss with fewer FLOPs at this scale: small "
-                         "models can show little or negative transfer to a distant language (Hernandez et al. "
-                         "2021); docs/demo.md lists the settings at which it starts to gain.")
+            notes.append(f"CPT to {name} did not reach scratch's final loss with fewer FLOPs at this scale "
+                         f"({cpt['final_loss']:.3f} against {entry['scratch_final_loss']:.3f}): small models can "
+                         "show little or negative transfer to a distant language (Hernandez et al. 2021, "
+                         "'ossification'); docs/demo.md discusses it and gives the larger settings to try.")
+        replayed = [run for key, run in entry["cpt"].items() if key != "replay0"]
+        if replayed:
+            notes.append(f"Without replay, {name} CPT raised English loss from {cpt['english_loss_start']:.3f} to "
+                         f"{cpt['english_loss_end']:.3f}; with replay it ended at {replayed[0]['english_loss_end']:.3f}.")
     return " ".join(notes)
 
 

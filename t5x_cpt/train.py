@@ -71,14 +71,13 @@ def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in trainer.INPUT_KEYS}
 
 
-@gin.configurable(denylist=["extra_run_info"])
+@gin.configurable
 def train(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
           sequence_length: int = gin.REQUIRED, seed: int = 0, log_period: int = 10, eval_period: int = 100,
           checkpoint_period: int = 100, keep_checkpoints: int = 3, async_checkpoints: bool = True,
           source_checkpoint: str | None = None, eval_tasks: Sequence[str] = (), eval_batches: int | None = 4,
           eval_batch_size: int | None = None, accumulate_steps: int = 1, family: str = "scratch",
-          language: str | None = None, replay_ratio: float = 0.0,
-          extra_run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+          language: str | None = None, replay_ratio: float = 0.0) -> dict[str, Any]:
     """Trains one run; returns the last metrics record. Bound from gin (configs/runs/*.gin)."""
     from t5x_cpt.data import pipeline as data_pipeline  # seqio/TF load here, not at import time
     from t5x_cpt.data import vocabularies
@@ -166,7 +165,7 @@ def train(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED, batch_
                     "params": counts["params"], "non_embedding_params": counts["non_embedding_params"],
                     "train_flops_per_token": flops_per_token, "sequence_length": sequence_length,
                     "batch_size": batch_size, "train_steps": train_steps, "tasks": task_names,
-                    "mesh": dict(mesh.shape), **(extra_run_info or {})}
+                    "mesh": dict(mesh.shape)}
         if is_primary:
             checkpoints.write_model_config(model_dir, config)
             if init_mode != "resume" or not os.path.exists(os.path.join(model_dir, "run_info.json")):

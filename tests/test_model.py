@@ -213,7 +213,7 @@ def test_llama3_rope_scaling_matches_transformers(head_dim, theta, factor, low, 
     kept, divided = np.isclose(ours, plain, rtol=1e-9), np.isclose(ours, plain / factor, rtol=1e-9)
     assert kept.any() and divided.any() and (~kept & ~divided).any(), "the case should hit all three bands"
 
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     hf_config = transformers.LlamaConfig(
         hidden_size=head_dim * 2, num_attention_heads=2, rope_parameters={
@@ -290,8 +290,8 @@ def _randomise_norms(torch, model):
 
 @pytest.mark.parametrize("rope", ["none", "llama3"])
 def test_matches_transformers_llama(rope):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     torch.manual_seed(0)
     rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
     ours = dict(rope_theta=10000.0)
@@ -315,8 +315,8 @@ def test_matches_transformers_llama(rope):
 
 
 def test_matches_transformers_qwen2_with_qkv_bias_and_tied_embeddings():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     torch.manual_seed(1)
     hf_config = transformers.Qwen2Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -167,7 +167,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
-    result = ok(run_train(PRETRAIN, model_dir, "TRAIN_STEPS=25", "CHECKPOINT_PERIOD=10", "LOG_PERIOD=1"))
+    # Resumed on another mesh than the one that wrote the checkpoint: restore reshards.
+    result = ok(run_train(PRETRAIN, model_dir, "TRAIN_STEPS=25", "CHECKPOINT_PERIOD=10", "LOG_PERIOD=1",
+                          "make_mesh.data=2", "make_mesh.tensor=2"))
     assert "checkpoint step 20" in result.stderr and "unreadable" in result.stderr
     assert "step 10" in result.stderr
     assert max(train_losses(model_dir)) == 25
@@ -215,7 +217,7 @@ def test_missing_source_checkpoint_is_named(tmp_path):
     assert missing in result.stderr and "does not exist" in result.stderr
 
 
-def test_model_dir_of_another_model_is_refused(source_dir, tmp_path):
+def test_model_dir_of_another_model_is_refused(tmp_path):
     model_dir = str(tmp_path / "other")
     ok(run_train(PRETRAIN, model_dir, "TRAIN_STEPS=2", "CHECKPOINT_PERIOD=2"))
     result = run_train(PRETRAIN, model_dir, "TRAIN_STEPS=4", "ModelConfig.d_ff=96")
