@@ -152,8 +152,8 @@ def _parse_lo_help_deb(args) -> tuple[dict, int]:
 
 
 def _pool_map(fn, items: list):
-    # Forking after TensorFlow started its threads can deadlock: then stay sequential.
-    if len(items) <= 1 or (os.cpu_count() or 1) <= 1 or "tensorflow" in sys.modules:
+    # Forking after TensorFlow or JAX started their threads can deadlock: then stay sequential.
+    if len(items) <= 1 or (os.cpu_count() or 1) <= 1 or "tensorflow" in sys.modules or "jax" in sys.modules:
         return [fn(x) for x in items]
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(min(len(items), os.cpu_count() or 1)) as pool:
