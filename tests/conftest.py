@@ -11,3 +11,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+
+import gin  # noqa: E402  (after XLA_FLAGS: gin does not import jax)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    """Several configurables (ModelConfig, the data pipeline) read gin: no test sees another's bindings."""
+    gin.clear_config()
+    yield
+    gin.clear_config()

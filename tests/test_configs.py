@@ -3,7 +3,6 @@ import importlib
 import os
 import re
 
-import gin
 import pytest
 
 from t5x_cpt import flops, gin_cli
@@ -39,13 +38,6 @@ PAPER_LADDER = {
     3647: (2560, 20, 34), 4016: (2688, 21, 34), 4248: (2688, 21, 36), 4657: (2816, 22, 36),
     5534: (3072, 24, 36),
 }
-
-
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def model_config_of(path: str) -> M.ModelConfig:

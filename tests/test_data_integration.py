@@ -27,13 +27,6 @@ def data_dir():
     return d
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def _mean_doc_bytes(data_dir, corpus, lang):
     entry = cache.read_manifest(corpus, data_dir)["languages"][lang]["train"]
     return entry["bytes"] / entry["documents"]

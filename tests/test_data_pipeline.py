@@ -37,13 +37,6 @@ def data_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def _pipe(data_dir, name, seed=0, shard=(0, 1), batch=B, length=L, **kw):
     return pipeline.make_train_pipeline(name, length, batch, seed=seed, shard_info=seqio().ShardInfo(*shard),
                                         data_dir=data_dir, **kw)

@@ -27,13 +27,6 @@ def corpus_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def test_byte_vocabulary_is_the_default_and_gin_selectable():
     assert vocabularies.vocab_size() == 259
     gin.parse_config("get_vocabulary.name = 'byte'")

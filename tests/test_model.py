@@ -8,7 +8,6 @@ scales with bf16's 8-bit mantissa (see the test).
 import functools
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,14 +16,6 @@ import pytest
 from t5x_cpt import model as M
 
 VOCAB = 64
-
-
-@pytest.fixture(autouse=True)
-def clean_gin():
-    """ModelConfig is gin-configurable: bindings left by another test must not change these models."""
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def tiny(**changes) -> M.ModelConfig:

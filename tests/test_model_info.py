@@ -4,20 +4,12 @@ import os
 import subprocess
 import sys
 
-import gin
 import pytest
 
 from t5x_cpt import flops, model_info
 from t5x_cpt.model import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def run_tool(*args):

@@ -19,13 +19,6 @@ from t5x_cpt import partitioning as P
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def test_eight_fake_devices():
     assert jax.device_count() == 8
 

@@ -50,16 +50,7 @@ def _floats(text: str, flag: str) -> list[float]:
 def _read_json(path: str, flag: str) -> dict:
     if not path:
         raise ScalingInputError(f"{flag} is required")
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise ScalingInputError(f"{flag}: {path!r} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ScalingInputError(f"{flag}: {path!r} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ScalingInputError(f"{flag}: {path!r} must hold a JSON object")
-    return data
+    return collect.read_json_object(path, flag)
 
 
 def _bounds(text: str | None) -> dict[str, tuple[float, float]] | None:

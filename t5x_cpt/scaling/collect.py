@@ -52,16 +52,19 @@ def expand_model_dirs(spec: str | Sequence[str]) -> list[str]:
     return out
 
 
-def _read_json(path: str) -> dict:
+def read_json_object(path: str, what: str | None = None) -> dict:
+    """A JSON object from `path`; missing, unparsable or non-object files raise ScalingInputError
+    naming `what` (e.g. the flag it came from) and the path."""
+    label = f"{what}: {path!r}" if what else path
     try:
         with open(path) as fh:
             data = json.load(fh)
     except FileNotFoundError:
-        raise ScalingInputError(f"{path} does not exist (the trainer writes it into MODEL_DIR)") from None
+        raise ScalingInputError(f"{label} does not exist") from None
     except json.JSONDecodeError as e:
-        raise ScalingInputError(f"{path}: not valid JSON ({e})") from None
+        raise ScalingInputError(f"{label} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ScalingInputError(f"{path}: expected a JSON object")
+        raise ScalingInputError(f"{label} must hold a JSON object")
     return data
 
 
@@ -136,7 +139,8 @@ def choose_loss_key(metrics: list[dict], language: str | None, loss_key: str | N
 def collect_dir(model_dir: str, *, language: str | None = None, loss_key: str | None = None,
                 params_key: str = "params") -> list[dict]:
     """Table rows of one MODEL_DIR (module docstring)."""
-    info = _read_json(os.path.join(model_dir, "run_info.json"))
+    info = read_json_object(os.path.join(model_dir, "run_info.json"),
+                            "run_info.json (the trainer writes it into MODEL_DIR)")
     where = os.path.join(model_dir, "run_info.json")
     for field in (params_key, "family"):
         if field not in info or info[field] in (None, ""):
