@@ -105,10 +105,11 @@ class PowerLaw:
         return {natural_name(k): (math.exp(v) if k in self.coef_names else float(v))
                 for k, v in theta.items() if k in self.param_names}
 
-    def from_natural(self, params: Mapping[str, float]) -> dict[str, float]:
-        """Natural dict (E, A, alpha, ...) -> log-space dict; raises on missing or non-positive values."""
+    def from_natural(self, params: Mapping[str, float], names: Sequence[str] | None = None) -> dict[str, float]:
+        """Natural dict (E, A, alpha, ...) -> log-space dict of `names` (default: all parameters);
+        raises KeyError for a missing value, ValueError for a non-positive coefficient."""
         out = {}
-        for k in self.param_names:
+        for k in (self.param_names if names is None else names):
             nat = natural_name(k)
             if nat not in params:
                 raise KeyError(f"law {self.name!r} needs parameter {nat!r}; got {sorted(params)}")

@@ -74,18 +74,12 @@ def fit_table(law: PowerLaw, table: Table, *, frozen_params: Mapping[str, float]
 
 
 def _log_values(law: PowerLaw, params: Mapping[str, float], names: Sequence[str]) -> dict[str, float]:
-    out = {}
-    for k in names:
-        nat = laws.natural_name(k)
-        if nat not in params:
-            raise ScalingInputError(f"the fit to freeze from lacks {nat} (has {sorted(params)})")
-        v = float(params[nat])
-        if k in law.coef_names:
-            if not v > 0:
-                raise ScalingInputError(f"frozen coefficient {nat}={v:g} must be positive")
-            v = float(np.log(v))
-        out[k] = v
-    return out
+    try:
+        return law.from_natural(params, names)
+    except KeyError as e:
+        raise ScalingInputError(f"the fit to freeze from: {e.args[0]}") from None
+    except ValueError as e:
+        raise ScalingInputError(f"the fit to freeze from: {e}") from None
 
 
 def fit_cpt_two_stage(table: Table, scratch_params: Mapping[str, float], *,

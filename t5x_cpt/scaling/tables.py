@@ -62,22 +62,17 @@ class Table:
     def filter(self, family: str | None = None, language: str | None = None) -> "Table":
         """Rows of one family and/or language; refuses when the column needed is absent."""
         t = self
-        if family is not None:
-            if not t.has("family"):
-                raise ScalingInputError(f"{self.source}: --family={family} given but the table has "
-                                        f"no 'family' column")
-            t = t.select(t["family"] == family)
+        for column, value in (("family", family), ("language", language)):
+            if value is None:
+                continue
+            if not t.has(column):
+                raise ScalingInputError(f"{self.source}: --{column}={value} given but the table has "
+                                        f"no {column!r} column")
+            t = t.select(t[column] == value)
             if len(t) == 0:
-                present = sorted(set(self["family"]))
-                raise ScalingInputError(f"{self.source}: no rows of family {family!r} (families "
-                                        f"present: {present})")
-        if language is not None:
-            if not t.has("language"):
-                raise ScalingInputError(f"{self.source}: --language={language} given but the table "
-                                        f"has no 'language' column")
-            t = t.select(t["language"] == language)
-            if len(t) == 0:
-                raise ScalingInputError(f"{self.source}: no rows with language {language!r}")
+                present = sorted(set(self[column]))
+                raise ScalingInputError(f"{self.source}: no rows with {column} {value!r} "
+                                        f"(present: {present})")
         return t
 
     def families(self) -> list[str]:
