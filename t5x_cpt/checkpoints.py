@@ -9,9 +9,10 @@ An imported source LLM (`t5x_cpt.convert import`) is a directory with `params/` 
 StandardSave item, unscanned layer layout), `model_config.json`, `model.gin` and tokenizer files.
 A weights-only load therefore reads one item, `params`, from either kind of directory.
 
-Orbax writes each step to a temporary directory and renames it when complete, so a step that is
-listed is whole; a step whose files were damaged afterwards fails to restore, and `restore_latest`
-then reports it and falls back to the previous step.
+A step counts only once orbax has committed it (a rename on local disks, a commit_success.txt
+marker on object stores); a step whose files were damaged afterwards fails to restore, and
+`TrainCheckpointManager.restore_newest_readable` then reports it and falls back to the previous
+step. Paths may be local or any etils.epath URL (gs://...).
 """
 
 from __future__ import annotations
@@ -25,26 +26,20 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from t5x_cpt import distributed, param_paths
+from t5x_cpt.errors import UserInputError
+from t5x_cpt.run_dir import as_path
+
 PARAMS_ITEM = "params"
 MODEL_CONFIG_FILE = "model_config.json"
-
-
-def absolute(path: str) -> str:
-    """An absolute local path, or a URL (gs://...) unchanged."""
-    return path if "://" in path else os.path.abspath(path)
-
-
-def _epath(path: str):
-    from etils import epath  # orbax's path layer: local files and gs:// alike
-
-    return epath.Path(absolute(path))
+COMMIT_MARKER = "commit_success.txt"  # orbax's completion marker where rename is not atomic
 
 
 def path_exists(path: str) -> bool:
-    return _epath(path).exists()
+    return as_path(path).exists()
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserInputError):
     """A checkpoint is missing, unreadable, or does not match the model it is loaded into."""
 
 
@@ -56,7 +51,7 @@ def _ocp():
 def save_params(directory: str, params: Mapping[str, Any]) -> str:
     """Writes `params` as the `params` item under `directory` and waits until it is on disk."""
     ocp = _ocp()
-    path = os.path.join(absolute(directory), PARAMS_ITEM)
+    path = os.fspath(as_path(directory) / PARAMS_ITEM)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, params)
     checkpointer.wait_until_finished()
@@ -69,12 +64,12 @@ def find_params_dir(path: str, step: int | None = None) -> str:
 
     For a MODEL_DIR the latest complete step is used unless `step` is given.
     """
-    path = absolute(path)
+    path = os.fspath(as_path(path))
     if not path_exists(path):
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    if step is None and _epath(os.path.join(path, PARAMS_ITEM)).is_dir():
+    if step is None and as_path(os.path.join(path, PARAMS_ITEM)).is_dir():
         return os.path.join(path, PARAMS_ITEM)
-    root = os.path.join(path, "checkpoints") if _epath(os.path.join(path, "checkpoints")).is_dir() else path
+    root = os.path.join(path, "checkpoints") if as_path(os.path.join(path, "checkpoints")).is_dir() else path
     steps = available_steps(root)
     if not steps:
         raise CheckpointError(f"no parameters found under {path}: expected {PARAMS_ITEM}/ or checkpoints/<step>/")
@@ -86,32 +81,19 @@ def find_params_dir(path: str, step: int | None = None) -> str:
 
 
 def available_steps(checkpoints_dir: str) -> list[int]:
-    """Completed steps under a checkpoints directory (orbax's temporary directories excluded)."""
-    root = _epath(checkpoints_dir)
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+    """Steps under a checkpoints directory that orbax considers committed.
 
-
-def _flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    Orbax commits a step by renaming its temporary directory on local disks and by writing a
+    commit_success.txt marker on object stores (where rename is not atomic); a directory that
+    merely has a numeric name is not a checkpoint.
+    """
+    return sorted(_ocp().path.step.checkpoint_steps(as_path(checkpoints_dir)))
 
 
 def check_tree_matches(expected: Mapping[str, Any], found: Mapping[str, Any], where: str) -> None:
     """Strict comparison of two param trees by path and shape; raises naming every difference."""
-    want, got = _flatten(expected), _flatten(found)
-    missing = sorted(set(want) - set(got))
-    unexpected = sorted(set(got) - set(want))
-    mismatched = [f"{k}: checkpoint {tuple(np.shape(got[k]))} vs model {tuple(np.shape(want[k]))}"
-                  for k in sorted(set(want) & set(got)) if tuple(np.shape(got[k])) != tuple(np.shape(want[k]))]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    if mismatched:
-        problems.append(f"shape mismatches {mismatched[:8]}{' ...' if len(mismatched) > 8 else ''}")
+    shapes = lambda tree: {k: np.shape(v) for k, v in param_paths.flatten(tree).items()}  # noqa: E731
+    problems = param_paths.shape_differences(shapes(expected), shapes(found), "checkpoint", "model")
     if problems:
         raise CheckpointError(f"{where} does not match the model: " + "; ".join(problems))
 
@@ -176,7 +158,7 @@ def _num_layers(params: Mapping[str, Any]) -> int:
 
 def write_model_config(directory: str, config) -> None:
     """Stores the ModelConfig next to a checkpoint, so tools can rebuild the model without gin."""
-    _epath(os.path.join(directory, MODEL_CONFIG_FILE)).write_text(
+    as_path(os.path.join(directory, MODEL_CONFIG_FILE)).write_text(
         json.dumps(config.to_dict(), indent=2, sort_keys=True))
 
 
@@ -184,7 +166,7 @@ def read_model_config(directory: str):
     """The ModelConfig stored by `write_model_config` in `directory` (or None if there is none)."""
     from t5x_cpt.model import ModelConfig
 
-    path = _epath(os.path.join(directory, MODEL_CONFIG_FILE))
+    path = as_path(os.path.join(directory, MODEL_CONFIG_FILE))
     if not path.exists():
         return None
     fields = json.loads(path.read_text())
@@ -196,18 +178,24 @@ def read_model_config(directory: str):
 
 
 class TrainCheckpointManager:
-    """Orbax CheckpointManager for training: async saves, keep-last-n, newest-readable restore."""
+    """Orbax CheckpointManager for training: async saves, keep-last-n, newest-readable restore.
+
+    Every decision read from storage (which steps exist, which one to restore, whether a step is
+    unreadable) is taken the same way on every process: the listing is process 0's, broadcast;
+    a step counts as readable only when it restored on every process.
+    """
 
     ITEMS = ("params", "opt_state", "data", "meta")
 
-    def __init__(self, model_dir: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, checkpoints_dir, keep: int = 3, async_save: bool = True):
         ocp = _ocp()
-        self.directory = os.path.join(absolute(model_dir), "checkpoints")
+        self.directory = os.fspath(as_path(checkpoints_dir))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=self.ITEMS)
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        """Committed steps, as process 0 sees them (a collective with several processes)."""
+        return distributed.broadcast_json(sorted(int(s) for s in self._manager.all_steps()))
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
@@ -215,7 +203,7 @@ class TrainCheckpointManager:
 
     def save(self, step: int, params: Any, opt_state: Any, data_state: Mapping[str, Any],
              meta: Mapping[str, Any]) -> None:
-        """Starts an asynchronous save of `step`; it becomes visible only once complete."""
+        """Starts an asynchronous save of `step`; it becomes visible only once committed."""
         ocp = _ocp()
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
@@ -224,54 +212,48 @@ class TrainCheckpointManager:
             meta=ocp.args.JsonSave(dict(meta)))
         self._manager.save(step, args=args, force=True)
 
-    def restore_latest(self, abstract_params: Any, abstract_opt_state: Any):
-        """(step, params, opt_state, data_state, meta) of the newest step that reads back, or None.
+    def read_data_state(self, step: int) -> dict[str, Any]:
+        """The `data` item of one step (small JSON), without touching the arrays."""
+        ocp = _ocp()
+        return self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+
+    def restore_newest_readable(self, steps: list[int], abstract_params: Any, abstract_opt_state: Any):
+        """(step, params, opt_state, data_state, meta) of the newest of `steps` that reads back.
 
         The abstract trees carry the target shardings, so a checkpoint written on one mesh is
-        restored onto whatever mesh this run has. A step that fails to read is reported and the
-        previous one is tried.
+        restored onto this run's. A step that fails to read on any process is reported, moved
+        aside by process 0, and the previous one is tried, on every process alike.
         """
         ocp = _ocp()
-        for step in reversed(self.all_steps()):
+        for step in reversed(steps):
+            error = None
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(abstract_params),
                     opt_state=ocp.args.StandardRestore(abstract_opt_state),
                     data=ocp.args.JsonRestore(),
                     meta=ocp.args.JsonRestore()))
-            except Exception as e:  # orbax raises many types for damaged files
-                aside = os.path.join(self.directory, f"{step}.unreadable-{int(time.time())}")
-                logging.error("checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and trying "
-                              "the previous one", step, self.directory, type(e).__name__, str(e)[:500], aside)
-                if jax.process_index() == 0:
-                    _epath(os.path.join(self.directory, str(step))).rename(aside)
-                self._manager.reload()
-                continue
-            return step, restored.params, restored.opt_state, restored.data, restored.meta
-        if self.all_steps():
-            raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {self.all_steps()} all failed)")
+            except Exception as e:  # orbax raises many types for damaged files  # noqa: BLE001
+                error = f"{type(e).__name__}: {str(e)[:500]}"
+            errors = distributed.allgather_json(error)
+            if not any(errors):
+                return step, restored.params, restored.opt_state, restored.data, restored.meta
+            reason = next(e for e in errors if e)
+            aside = f"{step}.unreadable-{int(time.time())}"
+            logging.error("checkpoint step %d in %s is unreadable (%s); moved it to %s and trying the previous "
+                          "one", step, self.directory, reason, aside)
+            if distributed.is_primary():
+                step_dir = as_path(self.directory) / str(step)
+                marker = step_dir / COMMIT_MARKER
+                if marker.exists():  # object stores: the step stops counting at once, before the slow copy
+                    marker.unlink()
+                step_dir.rename(as_path(self.directory) / aside)
+            distributed.sync(f"t5x_cpt.checkpoints.aside.{step}")
+            self._manager.reload()
+        if steps:
+            raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {steps} all failed)")
         return None
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def gather_host_json(obj: Any) -> list[Any]:
-    """Every process's JSON-able `obj`, in process order (a collective: call it on all hosts).
-
-    Used at checkpoint time only, for the data pipeline's per-host position.
-    """
-    if jax.process_count() == 1:
-        return [obj]
-    from jax.experimental import multihost_utils
-
-    payload = np.frombuffer(json.dumps(obj).encode("utf-8"), dtype=np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int32))).reshape(-1)
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[:payload.size] = payload
-    gathered = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(bytes(gathered[i, :lengths[i]]).decode("utf-8")) for i in range(len(lengths))]

@@ -24,8 +24,8 @@ import time
 
 import gin
 
-from t5x_cpt import gin_cli
-from t5x_cpt.metrics import read_records
+from t5x_cpt import gin_cli, run_dir
+from t5x_cpt.errors import USAGE_EXIT_CODE, UserInputError, one_line
 
 SOURCE_LANGUAGE = "en"
 TASK = "lo_help_{}"
@@ -70,7 +70,7 @@ def train_run(spec: dict, output_dir: str, overrides: list[str]) -> None:
 def eval_curve(model_dir: str, task: str) -> list[tuple[float, float]]:
     """(training FLOPs, eval loss) pairs of one run, step 0 included."""
     key = f"eval/{task}/loss"
-    return [(r["flops"], r[key]) for r in read_records(model_dir) if key in r]
+    return [(r["flops"], r[key]) for r in run_dir.read_metrics(model_dir) if key in r]
 
 
 def flops_to_reach(curve: list[tuple[float, float]], target_loss: float) -> float | None:
@@ -151,7 +151,7 @@ def write_report(output_dir: str, targets: list[str], replay_ratio: float, elaps
     plot(output_dir, targets, replay_ratio, os.path.join(output_dir, "report.png"))
     with open(os.path.join(output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    info = json.load(open(os.path.join(output_dir, "source_en", "run_info.json")))
+    info = run_dir.read_run_info(os.path.join(output_dir, "source_en"))
     replay_name = f"replay{int(round(100 * replay_ratio))}"
     lines = [
         "# t5x_cpt demo: continual pre-training vs training from scratch", "",
@@ -222,9 +222,9 @@ def main(argv=None) -> int:
     try:
         for spec in run_specs(targets, args.replay_ratio):
             train_run(spec, output_dir, overrides)
-    except (gin_cli.GinConfigError, train.TrainingError, ValueError) as e:
-        print(f"t5x_cpt.demo: error: {e}", file=sys.stderr)
-        return 1
+    except UserInputError as e:
+        print(f"t5x_cpt.demo: error: {one_line(e)}", file=sys.stderr)
+        return USAGE_EXIT_CODE
     report = write_report(output_dir, targets, args.replay_ratio, time.time() - start)
     print(f"\nReport: {report}\nPlot:   {os.path.join(output_dir, 'report.png')}")
     return 0

@@ -14,7 +14,8 @@ at full sequence length T (the causal half is not subtracted, as in PaLM and Max
 input embedding lookup costs no FLOPs, but its tied output projection does, so counting the
 embedding once in N is exact for tied models; an untied model counts both matrices.
 
-The scaling laws use the paper's C = 6 N D (PAPER.md); `scaling_compute` is that number.
+The scaling laws use the paper's C = 6 N D (arXiv 2407.02118, compute-optimal allocation;
+docs/scaling.md); `scaling_compute` is that number.
 """
 
 from __future__ import annotations
@@ -24,17 +25,19 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:  # keeps `import t5x_cpt.flops` free of jax/flax for the scaling tools
     from t5x_cpt.model import ModelConfig
 
 
 def param_counts(config: ModelConfig) -> dict[str, int]:
     """Exact parameter counts of `t5x_cpt.model.Decoder` built from `config`."""
-    d, heads, kv, hd = config.d_model, config.num_heads, config.kv_heads, config.head_size
+    d, heads, kv, hd = config.d_model, config.num_heads, config.resolved_num_kv_heads, config.resolved_head_dim
     attention = d * heads * hd + 2 * d * kv * hd + heads * hd * d
     if config.qkv_bias:
         attention += heads * hd + 2 * kv * hd
-    mlp = 3 * d * config.mlp_dim
+    mlp = 3 * d * config.resolved_d_ff
     per_layer = attention + mlp + 2 * d
     embedding = config.vocab_size * d
     output = 0 if config.tie_embeddings else config.vocab_size * d
@@ -50,7 +53,7 @@ def param_counts(config: ModelConfig) -> dict[str, int]:
 def train_flops_per_token(config: ModelConfig, sequence_length: int) -> float:
     """Forward+backward FLOPs per trained token: 6N plus the attention term (module docstring)."""
     n = param_counts(config)["params"]
-    attention = 12 * config.num_layers * config.num_heads * config.head_size * sequence_length
+    attention = 12 * config.num_layers * config.num_heads * config.resolved_head_dim * sequence_length
     return float(6 * n + attention)
 
 
@@ -58,9 +61,7 @@ FLOPS_PER_PARAM_TOKEN = 6.0
 
 
 def scaling_compute(params, tokens):
-    """C = 6 N D, the compute convention of the scaling laws (PAPER.md); works on arrays too."""
-    import numpy as np
-
+    """C = 6 N D, the compute convention of the scaling laws (docs/scaling.md); works on arrays too."""
     return FLOPS_PER_PARAM_TOKEN * np.asarray(params, dtype=float) * np.asarray(tokens, dtype=float)
 
 
@@ -86,9 +87,12 @@ def declared_peak_flops(device_kind: str) -> float | None:
 
 
 @functools.lru_cache(maxsize=None)
-def measured_peak_flops(dtype_name: str = "float32", size: int = 2048, repeats: int = 5) -> float:
+def measured_peak_flops(dtype_name: str = "float32", size: int = 1024, repeats: int = 3) -> float:
     """FLOP/s of one device on a square matmul (the fastest of `repeats`): the peak used for devices
-    with no declared figure (CPUs). The fastest repeat, so that a busy machine understates MFU less."""
+    with no declared figure (CPUs). The fastest repeat, so that a busy machine understates MFU less.
+    1024 is large enough to run at a CPU's GEMM rate and costs ~0.5 s at start-up (2048 cost ~5 s
+    on 2 cores, in every run and test)."""
+    # jax is imported here so that the scaling tools, which import this module, never load it.
     import jax
     import jax.numpy as jnp
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax.linen as nn
 import gin
@@ -37,8 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_cpt.errors import UserInputError
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _ROPE_SCALINGS = ("none", "linear", "llama3")
+_RESOLVED_FIELDS = ("num_kv_heads", "head_dim", "d_ff")  # None-able fields with a `resolved_` property
 _REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -46,14 +49,32 @@ _REMAT_POLICIES = {
 }
 
 
+class ModelConfigError(UserInputError):
+    """A ModelConfig field (usually a gin binding) has a value no decoder can be built with."""
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture and numerics of a decoder. Size gin files bind the first block of fields.
 
-    `num_kv_heads=None` means multi-head attention, `head_dim=None` means d_model // num_heads and
-    `d_ff=None` means 4 * d_model (the project's parameter-count convention; docs/model.md).
+    Gin files bind the raw fields. Five of them are not what the model uses as they stand: three
+    may be None, two are dtype names. The model reads them only through `resolved_*` properties:
+      num_kv_heads=None -> resolved_num_kv_heads = num_heads (multi-head attention)
+      head_dim=None     -> resolved_head_dim = d_model // num_heads
+      d_ff=None         -> resolved_d_ff = 4 * d_model (the project's parameter-count convention;
+                           docs/model.md)
+      dtype, param_dtype (names such as 'bfloat16') -> resolved_dtype, resolved_param_dtype (jnp dtypes)
     """
+
+    # The fields that fix the parameters' names and shapes (and the function they compute): two
+    # configs that agree on these can load each other's weights. Converters write exactly these
+    # into model.gin; dtype, remat, scanning and the attention kernel stay the run's choice.
+    ARCHITECTURE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
+        "rms_norm_eps", "rope_theta", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
+        "rope_high_freq_factor", "rope_original_max_position", "qkv_bias", "tie_embeddings",
+    )
 
     vocab_size: int = 32000
     d_model: int = 512
@@ -82,49 +103,71 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+                raise ModelConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         for name in ("num_kv_heads", "head_dim", "d_ff"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"ModelConfig.{name}={value!r} must be a positive integer or None")
+                raise ModelConfigError(f"ModelConfig.{name}={value!r} must be a positive integer or None")
         if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(
+            raise ModelConfigError(
                 f"ModelConfig.num_heads={self.num_heads} does not divide d_model={self.d_model}; "
                 "pick a divisor or set head_dim explicitly")
-        if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
-            raise ValueError(
+        if self.resolved_num_kv_heads <= 0 or self.num_heads % self.resolved_num_kv_heads:
+            raise ModelConfigError(
                 f"ModelConfig.num_kv_heads={self.num_kv_heads} must be a positive divisor of "
                 f"num_heads={self.num_heads}")
-        if self.head_size % 2:
-            raise ValueError(f"ModelConfig head_dim={self.head_size} (d_model={self.d_model}, "
-                             f"num_heads={self.num_heads}) must be even: rotary embeddings rotate pairs")
+        if self.resolved_head_dim % 2:
+            raise ModelConfigError(
+                f"ModelConfig head_dim={self.resolved_head_dim} (d_model={self.d_model}, "
+                f"num_heads={self.num_heads}) must be even: rotary embeddings rotate pairs")
         if self.rope_scaling not in _ROPE_SCALINGS:
-            raise ValueError(f"ModelConfig.rope_scaling={self.rope_scaling!r}; expected one of {_ROPE_SCALINGS}")
+            raise ModelConfigError(f"ModelConfig.rope_scaling={self.rope_scaling!r}; expected one of {_ROPE_SCALINGS}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
+                raise ModelConfigError(
+                    f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
         if self.remat not in _REMAT_POLICIES:
-            raise ValueError(f"ModelConfig.remat={self.remat!r}; expected one of {sorted(_REMAT_POLICIES)}")
+            raise ModelConfigError(f"ModelConfig.remat={self.remat!r}; expected one of {sorted(_REMAT_POLICIES)}")
 
     @property
-    def kv_heads(self) -> int:
+    def resolved_num_kv_heads(self) -> int:
+        """Key/value heads: num_kv_heads, or num_heads when None."""
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
-    def head_size(self) -> int:
+    def resolved_head_dim(self) -> int:
+        """Per-head width: head_dim, or d_model // num_heads when None."""
         return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
 
     @property
-    def mlp_dim(self) -> int:
+    def resolved_d_ff(self) -> int:
+        """SwiGLU hidden width: d_ff, or 4 * d_model when None."""
         return 4 * self.d_model if self.d_ff is None else self.d_ff
 
     @property
-    def compute_dtype(self):
+    def resolved_dtype(self):
+        """The jnp dtype activations are computed in (from the name in `dtype`)."""
         return _DTYPES[self.dtype]
 
     @property
-    def weight_dtype(self):
+    def resolved_param_dtype(self):
+        """The jnp dtype parameters are stored in (from the name in `param_dtype`)."""
         return _DTYPES[self.param_dtype]
+
+    def architecture_differences(self, other: "ModelConfig") -> list[str]:
+        """'field: mine vs other's' for every ARCHITECTURE_FIELDS entry on which the two differ.
+
+        Empty when the weights of one fit the other. num_kv_heads, head_dim and d_ff are compared
+        resolved, so head_dim=None and head_dim=d_model // num_heads are the same architecture.
+        """
+        return [f"{name}: {self._architecture_value(name)!r} vs {other._architecture_value(name)!r}"
+                for name in self.ARCHITECTURE_FIELDS
+                if self._architecture_value(name) != other._architecture_value(name)]
+
+    def _architecture_value(self, name: str):
+        if name in _RESOLVED_FIELDS:
+            return getattr(self, f"resolved_{name}")
+        return getattr(self, name)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -141,7 +184,7 @@ def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     shorter than original_max_position / high_freq_factor are kept, and those between are
     interpolated smoothly.
     """
-    dim = config.head_size
+    dim = config.resolved_head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     if config.rope_scaling == "linear":
         return inv_freq / config.rope_scaling_factor
@@ -193,10 +236,10 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (x.shape[-1],), self.config.weight_dtype)
+                           (x.shape[-1],), self.config.resolved_param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
-        return normed.astype(self.config.compute_dtype) * scale.astype(self.config.compute_dtype)
+        return normed.astype(self.config.resolved_dtype) * scale.astype(self.config.resolved_dtype)
 
 
 class Projection(nn.Module):
@@ -215,15 +258,15 @@ class Projection(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        kernel = self.param("kernel", _init(cfg, *self.axes), self.in_shape + self.out_shape, cfg.weight_dtype)
+        kernel = self.param("kernel", _init(cfg, *self.axes), self.in_shape + self.out_shape, cfg.resolved_param_dtype)
         contract = tuple(range(x.ndim - len(self.in_shape), x.ndim))
-        y = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
+        y = jax.lax.dot_general(x.astype(cfg.resolved_dtype), kernel.astype(cfg.resolved_dtype),
                                 ((contract, tuple(range(len(self.in_shape)))), ((), ())))
         if self.use_bias:
             bias_axes = self.axes[len(self.in_shape):]
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
-                              self.out_shape, cfg.weight_dtype)
-            y = y + bias.astype(cfg.compute_dtype)
+                              self.out_shape, cfg.resolved_param_dtype)
+            y = y + bias.astype(cfg.resolved_dtype)
         return y
 
 
@@ -233,14 +276,14 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, sin, cos, mask):
         cfg = self.config
-        d, hd = cfg.d_model, cfg.head_size
+        d, hd = cfg.d_model, cfg.resolved_head_dim
 
         def projection(name, heads, axis_name):
             return Projection(cfg, (d,), (heads, hd), ("embed", axis_name, "head_dim"), cfg.qkv_bias, name=name)
 
         query = projection("query", cfg.num_heads, "heads")(x)
-        key = projection("key", cfg.kv_heads, "kv_heads")(x)
-        value = projection("value", cfg.kv_heads, "kv_heads")(x)
+        key = projection("key", cfg.resolved_num_kv_heads, "kv_heads")(x)
+        value = projection("value", cfg.resolved_num_kv_heads, "kv_heads")(x)
         query = nn.with_logical_constraint(query, ("activation_batch", "activation_length", "activation_heads", None))
         key = nn.with_logical_constraint(key, ("activation_batch", "activation_length", "activation_kv_heads", None))
         value = nn.with_logical_constraint(value, ("activation_batch", "activation_length", "activation_kv_heads", None))
@@ -257,7 +300,7 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        d, f = cfg.d_model, cfg.mlp_dim
+        d, f = cfg.d_model, cfg.resolved_d_ff
         gate = Projection(cfg, (d,), (f,), ("embed", "mlp"), name="gate")(x)
         up = Projection(cfg, (d,), (f,), ("embed", "mlp"), name="up")(x)
         hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
@@ -289,7 +332,7 @@ class Decoder(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones(tokens.shape, jnp.int32)
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.resolved_dtype, param_dtype=cfg.resolved_param_dtype,
                          embedding_init=_init(cfg, "vocab", "embed"), name="embed")
         x = embed(tokens)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -315,6 +358,23 @@ class Decoder(nn.Module):
             logits = Projection(cfg, (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x)
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
+
+
+def abstract_params(model_or_config: "Decoder | ModelConfig", boxed: bool = False):
+    """The model's parameters as ShapeDtypeStructs, traced abstractly (no memory is allocated).
+
+    boxed=False: plain ShapeDtypeStructs, the tree checkpoints and converters read and write.
+    boxed=True: the leaves stay in their `nn.Partitioned` boxes carrying the logical axis names,
+    which `t5x_cpt.partitioning.logical_to_shardings` turns into shardings.
+    The layer layout (scanned or not) and dtypes are the config's.
+    """
+    model = model_or_config if isinstance(model_or_config, Decoder) else Decoder(model_or_config)
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    if boxed:
+        return params
+    # unbox(apply_constraint=False): outside jit there is no mesh to constrain to.
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+                        params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def stack_layer_params(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:

@@ -13,18 +13,16 @@ import argparse
 import json
 import sys
 
-from t5x_cpt import flops, gin_cli
-from t5x_cpt.model import Decoder, ModelConfig
+import jax
+
+from t5x_cpt import errors, flops, gin_cli
+from t5x_cpt.model import ModelConfig, abstract_params
 
 
 def describe(config: ModelConfig, sequence_length: int) -> dict:
     """Parameter counts, FLOPs per token and the architecture of `config`."""
-    import jax
-    import jax.numpy as jnp
-
     counts = flops.param_counts(config)
-    abstract = jax.eval_shape(Decoder(config).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-    traced = sum(int(x.size) for x in jax.tree.leaves(abstract))
+    traced = sum(int(x.size) for x in jax.tree.leaves(abstract_params(config)))
     if traced != counts["params"]:
         raise AssertionError(f"flops.param_counts says {counts['params']} but the model has {traced} parameters")
     return {
@@ -37,22 +35,19 @@ def describe(config: ModelConfig, sequence_length: int) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    try:
-        rest = gin_cli.parse_argv(argv)
-    except gin_cli.GinConfigError as e:
-        print(f"model_info: {e}", file=sys.stderr)
-        return 2
+def run(argv) -> int:
+    """Parses gin and flags, prints the JSON; bad input raises a UserInputError."""
+    rest = gin_cli.parse_argv(argv)
     parser = argparse.ArgumentParser(prog="python -m t5x_cpt.model_info")
     parser.add_argument("--sequence_length", type=int, default=2048)
     args = parser.parse_args(rest)
-    try:
-        config = ModelConfig()
-    except ValueError as e:
-        print(f"model_info: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(describe(config, args.sequence_length), indent=2))
+    print(json.dumps(describe(ModelConfig(), args.sequence_length), indent=2))
     return 0
+
+
+def main(argv=None) -> int:
+    """0 when done; 2 with one line on stderr for a bad gin file, binding or size (docs/errors.md)."""
+    return errors.run_command("t5x_cpt.model_info", run, argv)
 
 
 if __name__ == "__main__":

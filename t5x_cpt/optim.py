@@ -1,7 +1,7 @@
 """The optimizer and learning-rate schedule of the study, gin-configurable.
 
 Defaults and their sources:
-  peak learning rate 2e-4, 5% linear warm-up, cosine decay     PAPER.md (the study's recipe)
+  peak learning rate 2e-4, 5% linear warm-up, cosine decay     arXiv 2407.02118 (experimental setup)
   final learning rate 10% of the peak                          LLaMA-2 (Touvron et al. 2023, sec. 2.2)
   AdamW beta1 0.9, beta2 0.95, eps 1e-8, weight decay 0.1      LLaMA-2 (eps: optax default)
   global-norm gradient clipping at 1.0                         LLaMA-2
@@ -17,15 +17,21 @@ import gin
 import jax
 import optax
 
+from t5x_cpt.errors import UserInputError
+
+
+class OptimizerConfigError(UserInputError):
+    """A learning-rate schedule or optimizer binding no run can use; the message names it."""
+
 
 @gin.configurable
 def learning_rate_schedule(total_steps: int, peak_learning_rate: float = 2e-4, warmup_fraction: float = 0.05,
                            final_learning_rate_fraction: float = 0.1) -> optax.Schedule:
     """Linear warm-up over `warmup_fraction` of the steps, then cosine decay to the floor."""
     if total_steps <= 0:
-        raise ValueError(f"total_steps must be positive, got {total_steps}")
+        raise OptimizerConfigError(f"the learning-rate schedule needs a positive number of steps, got {total_steps}")
     if not 0 <= warmup_fraction < 1:
-        raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        raise OptimizerConfigError(f"learning_rate_schedule.warmup_fraction must be in [0, 1), got {warmup_fraction}")
     warmup = max(1, int(math.ceil(warmup_fraction * total_steps))) if warmup_fraction > 0 else 0
     decay_steps = max(1, total_steps - warmup)
     cosine = optax.cosine_decay_schedule(peak_learning_rate, decay_steps, alpha=final_learning_rate_fraction)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from t5x_cpt import partitioning
-from t5x_cpt.model import Decoder
+from t5x_cpt.model import Decoder, abstract_params
 
 Batch = dict[str, jax.Array]
 INPUT_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
@@ -33,23 +33,10 @@ class TrainState:
     first_nonfinite_step: jax.Array  # -1 while every step so far was finite
 
 
-def abstract_params(model: Decoder):
-    """Boxed (logically named) ShapeDtypeStructs of the model's parameters."""
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
-
-
-def unbox_abstract(boxed):
-    """Strips logical-axis boxes without applying sharding constraints (safe outside jit)."""
-    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
-                        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
 def state_shardings(model: Decoder, optimizer: optax.GradientTransformation, mesh, rules=None):
     """(abstract unboxed params, TrainState of NamedShardings) for this model on this mesh."""
-    boxed = abstract_params(model)
-    param_shardings = partitioning.logical_to_shardings(boxed, mesh, rules)
-    params = unbox_abstract(boxed)
+    param_shardings = partitioning.logical_to_shardings(abstract_params(model, boxed=True), mesh, rules)
+    params = abstract_params(model)
     abstract_opt = jax.eval_shape(optimizer.init, params)
     replicated = partitioning.replicated(mesh)
     opt_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_opt, param_shardings,

@@ -1,10 +1,12 @@
 """Every gin file under configs/ parses, and the model ladder matches the paper's parameter counts."""
-import importlib
 import os
 import re
 
 import pytest
 
+import t5x_cpt.data  # noqa: F401  (registers the data configurables: vocabularies, tasks)
+import t5x_cpt.data.pipeline  # noqa: F401  (registers make_train_pipeline, ...)
+import t5x_cpt.train  # noqa: F401  (registers train, as the trainer's entry point does before parsing)
 from t5x_cpt import flops, gin_cli
 from t5x_cpt import model as M
 from t5x_cpt import partitioning  # noqa: F401  (registers make_mesh, logical_axis_rules)
@@ -12,21 +14,13 @@ from t5x_cpt import partitioning  # noqa: F401  (registers make_mesh, logical_ax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 
-# Modules that register configurables used by run / experiment / data configs, as the trainer's
-# entry point imports them before it parses (train.py, and the data package's pipeline). Imported
-# when their file exists (teammates add them); an import error there is a failure, not a skip.
-OPTIONAL_MODULES = ("t5x_cpt.train", "t5x_cpt.data", "t5x_cpt.data.pipeline")
-for _module in OPTIONAL_MODULES:
-    _base = os.path.join(REPO, *_module.split("."))
-    if os.path.exists(_base + ".py") or os.path.exists(os.path.join(_base, "__init__.py")):
-        importlib.import_module(_module)
-
 GIN_FILES = sorted(os.path.relpath(os.path.join(root, name), REPO)
                    for root, _, names in os.walk(CONFIGS) for name in names if name.endswith(".gin"))
 
-# The paper's ladder (PAPER.md): N in millions -> (d_model, heads, layers). Heads of the 4016M row:
-# the paper lists 22, which does not divide 2688; the project uses 21 (head_dim 128).
-PAPER_LADDER = {
+# The paper's ladder (arXiv 2407.02118, its table of model sizes; docs/model.md): N in millions ->
+# (d_model, heads, layers). Heads of the 4016M row: the paper lists 22, which does not divide 2688;
+# the project uses 21 (head_dim 128).
+PUBLISHED_LADDER = {
     49: (512, 8, 8), 66: (576, 9, 9), 86: (640, 10, 10), 105: (640, 10, 13), 125: (640, 10, 16),
     137: (768, 12, 12), 166: (768, 12, 15), 194: (768, 12, 18), 208: (896, 14, 14), 234: (896, 14, 16),
     259: (896, 14, 18), 301: (1024, 16, 16), 334: (1024, 16, 18), 368: (1024, 16, 20), 512: (1280, 10, 18),
@@ -58,18 +52,19 @@ def test_gin_file_parses(path):
 
 def test_ladder_has_one_file_per_paper_row():
     files = {int(m.group(1)) for f in GIN_FILES if (m := re.fullmatch(r"configs/models/ladder_(\d+)m\.gin", f))}
-    assert files == set(PAPER_LADDER)
-    assert len(PAPER_LADDER) == 42
+    assert files == set(PUBLISHED_LADDER)
+    assert len(PUBLISHED_LADDER) == 42
 
 
-@pytest.mark.parametrize("millions", sorted(PAPER_LADDER))
+@pytest.mark.parametrize("millions", sorted(PUBLISHED_LADDER))
 def test_ladder_row_shape_and_parameter_count(millions):
     config = model_config_of(f"configs/models/ladder_{millions}m.gin")
-    d, heads, layers = PAPER_LADDER[millions]
+    d, heads, layers = PUBLISHED_LADDER[millions]
     assert (config.d_model, config.num_heads, config.num_layers) == (d, heads, layers)
     # The convention (docs/model.md): vocab 32,000, SwiGLU hidden 4d, MHA, tied embeddings.
-    assert (config.vocab_size, config.mlp_dim, config.kv_heads, config.tie_embeddings) == (32000, 4 * d, heads, True)
-    assert config.head_size * heads == d
+    assert (config.vocab_size, config.resolved_d_ff, config.resolved_num_kv_heads, config.tie_embeddings) == \
+        (32000, 4 * d, heads, True)
+    assert config.resolved_head_dim * heads == d
 
     counts = flops.param_counts(config)
     # Independent count: 4d^2 attention + 3 * d * 4d MLP + 2 norms per layer, one 32k embedding, final norm.
@@ -80,10 +75,10 @@ def test_ladder_row_shape_and_parameter_count(millions):
 
 def test_4016m_row_uses_21_heads():
     config = model_config_of("configs/models/ladder_4016m.gin")
-    assert config.num_heads == 21 and config.head_size == 128
+    assert config.num_heads == 21 and config.resolved_head_dim == 128
 
 
 def test_tiny_config_builds():
     config = model_config_of("configs/models/tiny.gin")
-    assert config.num_heads % config.kv_heads == 0 and config.d_model % config.num_heads == 0
+    assert config.num_heads % config.resolved_num_kv_heads == 0 and config.d_model % config.num_heads == 0
     assert flops.param_counts(config)["params"] < 5e6

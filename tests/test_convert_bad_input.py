@@ -30,7 +30,7 @@ def _fails(tmp_path, capsys, args, *needles):
     code = cli.main([*args, f"--out={out_parent / 'result'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
-    lines = [line for line in err.splitlines() if line.startswith("convert ")]
+    lines = [line for line in err.splitlines() if line.startswith("t5x_cpt.convert ")]
     assert len(lines) == 1, err
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -110,7 +110,7 @@ def test_truncated_weight_file(pristine, tmp_path, capsys, name, weights):
 def test_tensor_with_wrong_shape(pristine, tmp_path, capsys):
     src = _copy(pristine, "single", tmp_path)
     _edit_config(src, intermediate_size=40)
-    _fails(tmp_path, capsys, ["import", f"--source={src}"], "wrong shapes", "mlp.gate_proj.weight")
+    _fails(tmp_path, capsys, ["import", f"--source={src}"], "shape mismatches", "mlp.gate_proj.weight")
 
 
 def test_untied_config_without_head_tensor(pristine, tmp_path, capsys):
@@ -191,5 +191,6 @@ def test_command_line_exit_status_and_single_line(tmp_path):
                              f"--out={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"convert import: error: source {tmp_path / 'nope'} does not exist"]
+    assert result.stderr.strip().splitlines() == [
+        f"t5x_cpt.convert import: error: source {tmp_path / 'nope'} does not exist"]
     assert not (tmp_path / "out").exists()

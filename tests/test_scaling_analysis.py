@@ -13,8 +13,8 @@ SIZES = (49, 125, 368, 1085, 2791)
 
 @pytest.fixture(scope="module")
 def both():
-    s = synthetic.study(S, family="scratch", sizes_m=SIZES, points=25, noise=0.0, seed=1)
-    c = synthetic.study(C, family="cpt", sizes_m=SIZES, points=25, noise=0.0, seed=2)
+    s = synthetic.study(S, run_kind="scratch", sizes_m=SIZES, points=25, noise=0.0, seed=1)
+    c = synthetic.study(C, run_kind="cpt", sizes_m=SIZES, points=25, noise=0.0, seed=2)
     return synthetic.concat(s, c)
 
 
@@ -54,14 +54,14 @@ def test_savings_out_of_range_points_use_the_law_or_are_flagged(both):
                 assert p["saved_fraction"] is None
 
 
-def test_savings_need_both_families(both):
+def test_savings_need_both_run_kinds(both):
     with pytest.raises(ScalingInputError, match="both scratch and cpt"):
-        savings.savings(both.filter(family="cpt"))
+        savings.savings(both.filter(run_kind="cpt"))
 
 
 def test_compare_prefers_cpt_law_on_cpt_runs():
-    s = synthetic.study(S, family="scratch", sizes_m=SIZES + (5534,), points=10, noise=0.003, seed=3)
-    c = synthetic.study(C, family="cpt", sizes_m=SIZES + (5534,), points=10, noise=0.003, seed=4)
+    s = synthetic.study(S, run_kind="scratch", sizes_m=SIZES + (5534,), points=10, noise=0.003, seed=3)
+    c = synthetic.study(C, run_kind="cpt", sizes_m=SIZES + (5534,), points=10, noise=0.003, seed=4)
     res = comparison.compare(synthetic.concat(s, c), holdout=1, grid="coarse")
     fe = res["fit_errors"]
     # Table 3: the extended law fits CPT data better than the Chinchilla law; on scratch data it
@@ -136,7 +136,7 @@ def test_planner_intervals_from_bootstrap_samples():
 
 
 def test_frontier_from_runs(both):
-    fit = allocation.fit_frontier(both.filter(family="scratch"))
+    fit = allocation.fit_frontier(both.filter(run_kind="scratch"))
     pts = fit.info["frontier_points"]
     assert len(pts["C"]) >= 5
     assert np.all(np.diff(pts["loss"]) < 0) and np.all(np.diff(pts["C"]) > 0)

@@ -28,13 +28,13 @@ def _frontier_stat(t, i):
     return fitting.fit_law(laws.FRONTIER, {"C": t["C"]}, t["loss"], grid=SMALL_GRID, workers=1).params
 
 
-def test_resample_keeps_runs_whole_and_families_separate():
-    s = synthetic.study(synthetic.TRUE_SCRATCH, family="scratch", sizes_m=(49, 125, 368), points=5)
-    c = synthetic.study(synthetic.TRUE_CPT, family="cpt", sizes_m=(49, 125), points=5)
+def test_resample_keeps_runs_whole_and_run_kinds_separate():
+    s = synthetic.study(synthetic.TRUE_SCRATCH, run_kind="scratch", sizes_m=(49, 125, 368), points=5)
+    c = synthetic.study(synthetic.TRUE_CPT, run_kind="cpt", sizes_m=(49, 125), points=5)
     t = synthetic.concat(s, c)
     b = bootstrap.resample_runs(t, np.random.default_rng(0))
     assert len(b) == len(t)                                  # every run has 5 points
-    assert sum(f == "scratch" for f in b["family"]) == 15 and sum(f == "cpt" for f in b["family"]) == 10
+    assert sum(f == "scratch" for f in b["run_kind"]) == 15 and sum(f == "cpt" for f in b["run_kind"]) == 10
     for run in set(b["run"]):
         rows = b["run"] == run
         assert rows.sum() == 5 and len(set(b["N"][rows])) == 1   # a whole run, one size
@@ -68,7 +68,7 @@ def test_chinchilla_bootstrap_intervals_cover_truth():
     sizes = (49, 125, 368, 1085, 2791, 5534)
     parts = []
     for k in range(3):
-        p = synthetic.study(synthetic.TRUE_SCRATCH, family="scratch", sizes_m=sizes, points=8,
+        p = synthetic.study(synthetic.TRUE_SCRATCH, run_kind="scratch", sizes_m=sizes, points=8,
                             run_noise=0.002, noise=0.002, seed=k)
         p.columns["run"] = np.array([f"{r}-seed{k}" for r in p["run"]], dtype=object)
         parts.append(p)

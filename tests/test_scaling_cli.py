@@ -34,13 +34,13 @@ def _write_model_dir(root, name, info, lines):
     return d
 
 
-def _lines(n, family, replay=0.0, seed=0):
+def _lines(n, run_kind, replay=0.0, seed=0):
     """Metrics of one run: train lines every step block, evals every 4th, a step-0 eval."""
     rng = np.random.default_rng(seed)
     batch = BATCH[int(round(n / 1e6))]
     total = 20 * n / (1 - replay)
     steps = int(total // batch)
-    law = synthetic.TRUE_CPT if family == "cpt" else synthetic.TRUE_SCRATCH
+    law = synthetic.TRUE_CPT if run_kind == "cpt" else synthetic.TRUE_SCRATCH
     out = []
     for i, step in enumerate(np.linspace(0, steps, 49).astype(int)):
         tokens = float(step * batch)
@@ -52,11 +52,11 @@ def _lines(n, family, replay=0.0, seed=0):
         if i % 4 == 0:
             if target > 0:
                 m["eval/lo_help_zh/loss"] = float(
-                    laws.CHINCHILLA.predict(law, N=n, D=target)[0] if family != "cpt" else
+                    laws.CHINCHILLA.predict(law, N=n, D=target)[0] if run_kind != "cpt" else
                     laws.CPT.predict(law, N=n, D=target)[0]) * math.exp(rng.normal(0, 0.003))
             else:
                 m["eval/lo_help_zh/loss"] = 10.4
-            if family == "cpt":
+            if run_kind == "cpt":
                 tf = synthetic.TRUE_FORGETTING
                 rise = tf["F"] * (6 * n * max(target, 1.0)) ** tf["phi"] / ((1 + tf["K"] * replay) * n) ** tf["psi"]
                 m["eval/lo_help_en/loss"] = 2.40 + (rise if target > 0 else 0.0)
@@ -69,13 +69,13 @@ def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     for k, m in enumerate(SIZES_M):
         n = m * 1e6 + 12345
-        for fam in ("scratch", "cpt"):
-            _write_model_dir(root, f"{fam}_{m}m", {
-                "params": n, "non_embedding_params": n * 0.8, "family": fam, "language": "zh",
-                "replay_ratio": 0.0, "run": f"{fam}-{m}m"}, _lines(n, fam, seed=10 * k + (fam == "cpt")))
+        for kind in ("scratch", "cpt"):
+            _write_model_dir(root, f"{kind}_{m}m", {
+                "params": n, "non_embedding_params": n * 0.8, "run_kind": kind, "language": "zh",
+                "replay_ratio": 0.0, "run": f"{kind}-{m}m"}, _lines(n, kind, seed=10 * k + (kind == "cpt")))
     for j, r in enumerate((0.01, 0.05, 0.2)):
         n = 1085e6 + 12345
-        _write_model_dir(root, f"replay_{j}", {"params": n, "family": "cpt", "language": "zh",
+        _write_model_dir(root, f"replay_{j}", {"params": n, "run_kind": "cpt", "language": "zh",
                                                 "replay_ratio": r}, _lines(n, "cpt", replay=r, seed=99 + j))
     return root
 
@@ -86,7 +86,7 @@ def table(model_dirs, tmp_path_factory):
     out, _ = run_cli("collect", f"--model_dirs={model_dirs}/scratch_*,{model_dirs}/cpt_*",
                      "--language=zh", f"--csv={csv}")
     assert out["loss_keys"] == ["eval/lo_help_zh/loss"]
-    assert out["families"] == ["cpt", "scratch"] and out["rows"] == 10 * 12
+    assert out["run_kinds"] == ["cpt", "scratch"] and out["rows"] == 10 * 12
     return csv
 
 
@@ -94,9 +94,9 @@ def test_collect_writes_the_table_columns(table):
     import csv as csv_mod
     with open(table) as fh:
         rows = list(csv_mod.DictReader(fh))
-    assert list(rows[0])[:8] == ["N", "D", "loss", "family", "run", "language", "replay_ratio", "flops"]
+    assert list(rows[0])[:8] == ["N", "D", "loss", "run_kind", "run", "language", "replay_ratio", "flops"]
     r = next(x for x in rows if x["run"] == "scratch-49m")
-    assert float(r["N"]) == 49e6 + 12345 and r["language"] == "zh" and r["family"] == "scratch"
+    assert float(r["N"]) == 49e6 + 12345 and r["language"] == "zh" and r["run_kind"] == "scratch"
     assert float(r["loss0"]) == 10.4                          # the step-0 eval
     assert all(float(x["D"]) > 0 for x in rows)               # step 0 is not a point
     # D is the realised target-language counter tokens/<corpus>_<lang>.
@@ -107,7 +107,7 @@ def test_fit_allocate_plan_savings_round_trip(table, tmp_path):
     scratch_json = tmp_path / "scratch.json"
     out, err = run_cli("fit", f"--runs={table}", "--law=chinchilla", "--grid=coarse",
                        "--bootstrap=8", "--flops=1e21", f"--out={scratch_json}")
-    assert "using --family=scratch" in err                    # logs go to stderr
+    assert "using --run_kind=scratch" in err                    # logs go to stderr
     assert json.loads(scratch_json.read_text()) == out         # --out holds the same object
     for k in ("E", "A", "B", "alpha", "beta"):
         assert k in out
@@ -178,7 +178,7 @@ def _csv(path, header, rows):
 
 @pytest.mark.parametrize("case", ["few_points", "nonpositive_N", "nan_loss", "missing_column",
                                   "cpt_without_frozen", "allocate_incomplete_fit",
-                                  "collect_missing_field"])
+                                  "collect_missing_field", "family_column"])
 def test_bad_input_gives_one_clear_message(case, tmp_path):
     good = [f"{n},{d},{3.0 - 0.1 * i}" for i, (n, d) in enumerate(
         [(1e8, 1e9), (1e8, 2e9), (2e8, 1e9), (2e8, 4e9), (4e8, 8e9), (4e8, 1.6e10), (8e8, 1e10)])]
@@ -200,6 +200,10 @@ def test_bad_input_gives_one_clear_message(case, tmp_path):
     elif case == "cpt_without_frozen":
         args = ["fit", f"--runs={_csv(tmp_path / 't.csv', 'N,D,loss', good)}", "--law=cpt"]
         expect = "--frozen=<scratch fit JSON>"
+    elif case == "family_column":  # a table written before the column was renamed run_kind
+        args = ["fit", f"--runs={_csv(tmp_path / 't.csv', 'N,D,loss,family', [r + ',scratch' for r in good])}",
+                "--law=chinchilla"]
+        expect = "column 'family' is now called 'run_kind'"
     elif case == "allocate_incomplete_fit":
         f = tmp_path / "f.json"
         f.write_text(json.dumps({"E": 1.6, "A": 400, "B": 400, "alpha": 0.3}))
@@ -208,7 +212,7 @@ def test_bad_input_gives_one_clear_message(case, tmp_path):
     else:
         d = tmp_path / "run"
         d.mkdir()
-        (d / "run_info.json").write_text(json.dumps({"family": "scratch"}))
+        (d / "run_info.json").write_text(json.dumps({"run_kind": "scratch"}))
         (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 10, "eval/zh/loss": 3}) + "\n")
         args = ["collect", f"--model_dirs={d}", f"--csv={tmp_path / 'x.csv'}"]
         expect = "required field 'params' is missing"

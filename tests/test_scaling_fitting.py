@@ -21,12 +21,12 @@ TRUE_C = synthetic.TRUE_CPT
 
 @pytest.fixture(scope="module")
 def scratch_table():
-    return synthetic.study(TRUE_S, family="scratch", outliers=0.03, seed=11)
+    return synthetic.study(TRUE_S, run_kind="scratch", outliers=0.03, seed=11)
 
 
 @pytest.fixture(scope="module")
 def cpt_table():
-    return synthetic.study(TRUE_C, family="cpt", outliers=0.03, seed=12)
+    return synthetic.study(TRUE_C, run_kind="cpt", outliers=0.03, seed=12)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_full_grid_recovers_scratch_law(scratch_fit_full, scratch_table):
 
 
 def test_outliers_do_not_move_the_huber_fit(scratch_fit_full):
-    clean = synthetic.study(TRUE_S, family="scratch", outliers=0.0, seed=11)
+    clean = synthetic.study(TRUE_S, run_kind="scratch", outliers=0.0, seed=11)
     fit = procedures.fit_table(laws.CHINCHILLA, clean, grid="coarse")
     for k in ("E", "alpha", "beta"):
         assert fit.params[k] == pytest.approx(scratch_fit_full.params[k], rel=0.03)
@@ -88,17 +88,19 @@ def test_internal_coordinates_round_trip(scratch_table):
     np.testing.assert_allclose(obj.to_log(obj.to_internal(starts)), starts, atol=1e-12)
 
 
-def test_batched_lbfgs_matches_scipy_on_rosenbrock():
-    def rosen(x):
-        a, b = x[:, 0], x[:, 1]
-        f = (1 - a) ** 2 + 100 * (b - a * a) ** 2
-        g = np.column_stack([-2 * (1 - a) - 400 * a * (b - a * a), 200 * (b - a * a)])
-        return f, g
+def rosenbrock(x):
+    """Rosenbrock's function and its gradient, row by row: minimum 0 at (1, 1)."""
+    a, b = x[:, 0], x[:, 1]
+    f = (1 - a) ** 2 + 100 * (b - a * a) ** 2
+    g = np.column_stack([-2 * (1 - a) - 400 * a * (b - a * a), 200 * (b - a * a)])
+    return f, g
 
+
+def test_batched_lbfgs_matches_scipy_on_rosenbrock():
     x0 = np.random.default_rng(1).uniform(-2, 2, size=(40, 2))
-    res = lbfgs.minimize_batched(rosen, x0, gtol=1e-10, ftol=1e-15)
+    res = lbfgs.minimize_batched(rosenbrock, x0, gtol=1e-10, ftol=1e-15)
     np.testing.assert_allclose(res.x, 1.0, atol=1e-5)
-    ref = minimize(lambda v: tuple(np.asarray(t)[0] for t in rosen(v[None])), x0[0], jac=True,
+    ref = minimize(lambda v: tuple(np.asarray(t)[0] for t in rosenbrock(v[None])), x0[0], jac=True,
                    method="L-BFGS-B")
     assert res.fun[0] <= ref.fun + 1e-10
 
@@ -106,21 +108,15 @@ def test_batched_lbfgs_matches_scipy_on_rosenbrock():
 def test_batched_lbfgs_pruning_keeps_rows_intact():
     """Rows are independent: pruning at the screening iteration stops the rejected rows there
     (status 5) and leaves the kept rows' trajectories exactly as without pruning."""
-    def rosen(x):
-        a, b = x[:, 0], x[:, 1]
-        f = (1 - a) ** 2 + 100 * (b - a * a) ** 2
-        g = np.column_stack([-2 * (1 - a) - 400 * a * (b - a * a), 200 * (b - a * a)])
-        return f, g
-
     x0 = np.random.default_rng(2).uniform(-2, 2, size=(60, 2))
-    full = lbfgs.minimize_batched(rosen, x0, gtol=1e-10, ftol=1e-15)
+    full = lbfgs.minimize_batched(rosenbrock, x0, gtol=1e-10, ftol=1e-15)
     seen = {}
 
     def keep(current):
         seen["current"] = current.copy()
         return current <= np.quantile(current, 0.25)
 
-    pruned = lbfgs.minimize_batched(rosen, x0, gtol=1e-10, ftol=1e-15, screen_iter=3, keep=keep)
+    pruned = lbfgs.minimize_batched(rosenbrock, x0, gtol=1e-10, ftol=1e-15, screen_iter=3, keep=keep)
     dropped = pruned.status == 5
     assert dropped.any() and not dropped.all()
     assert np.all(pruned.nit[dropped] == 3)
@@ -135,7 +131,7 @@ def test_pruned_full_grid_reaches_the_unpruned_best(noise, outliers, seed):
     """Start pruning (fitting.PRUNE_*) must not change the optimum: on noisy synthetic tables
     with outliers, the pruned 4,500-start fit reaches the best objective of the fit that runs
     every start to convergence, and n_best counts only starts that were not pruned."""
-    t = synthetic.study(TRUE_S, family="scratch", noise=noise, outliers=outliers, seed=seed)
+    t = synthetic.study(TRUE_S, run_kind="scratch", noise=noise, outliers=outliers, seed=seed)
     cols, loss = {"N": t["N"], "D": t["D"]}, t["loss"]
     pruned = fitting.fit_law(laws.CHINCHILLA, cols, loss)
     full = fitting.fit_law(laws.CHINCHILLA, cols, loss, prune=False)
@@ -172,7 +168,7 @@ def test_bound_hit_is_reported(scratch_table):
 
 def test_flat_direction_is_reported():
     """One model size: A and alpha cannot be told apart (only A N^-alpha is seen)."""
-    t = synthetic.study(TRUE_S, family="scratch", sizes_m=(1393,), points=30, noise=0.002, seed=3)
+    t = synthetic.study(TRUE_S, run_kind="scratch", sizes_m=(1393,), points=30, noise=0.002, seed=3)
     fit = procedures.fit_table(laws.CHINCHILLA, t, grid="coarse")
     assert any(w.startswith("flat direction") for w in fit.warnings), fit.warnings
 

@@ -80,7 +80,7 @@ def test_each_run_file_trains_three_steps(gin_file, source_dir, tmp_path):
     assert os.path.exists(os.path.join(model_dir, "config.gin"))
     assert os.path.isdir(os.path.join(model_dir, "events"))
     info = json.load(open(os.path.join(model_dir, "run_info.json")))
-    assert info["family"] == {PRETRAIN: "source", SCRATCH: "scratch", CPT: "cpt"}[gin_file]
+    assert info["run_kind"] == {PRETRAIN: "source", SCRATCH: "scratch", CPT: "cpt"}[gin_file]
     assert checkpoint_steps(model_dir) == [3]
 
 
@@ -202,6 +202,47 @@ def test_mesh_2x2x2_matches_single_device(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:  # float32 reductions in a different order: agreement to ~1e-5 relative
         assert a[step] == pytest.approx(b[step], rel=1e-4), (step, a[step], b[step])
+
+
+def test_help_lists_flags_macros_and_an_example():
+    result = subprocess.run([sys.executable, "-m", "t5x_cpt.train", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for expected in ("--gin_file", "--coordinator_address", "--process_count", "--process_index",
+                     "--initialization_timeout", "TRAIN_STEPS", "REQUIRED", "SOURCE_CHECKPOINT",
+                     "REPLAY_RATIO", "configs/runs/cpt.gin", "tiny_pretrain.gin", "143"):
+        assert expected in result.stdout, expected
+
+
+def test_model_dir_that_is_a_file_is_refused(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = run_train(PRETRAIN, str(afile), "TRAIN_STEPS=2")
+    assert result.returncode == 2
+    assert "is an existing file, not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_mistyped_macro_is_refused_naming_the_closest(tmp_path):
+    result = run_train(PRETRAIN, str(tmp_path / "x"), "TRAIN_STEPZ=3")
+    assert result.returncode == 2
+    assert "TRAIN_STEPZ" in result.stderr and "TRAIN_STEPS" in result.stderr
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_compiling(tmp_path):
+    start = time.time()
+    result = run_train(PRETRAIN, str(tmp_path / "x"), "SEQUENCE_LENGTH=100000")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "the train step needs an estimated" in result.stderr and "GiB" in result.stderr
+    assert not os.path.exists(tmp_path / "x")  # refused before anything is written
+    assert time.time() - start < 120
+
+
+def test_run_kind_and_source_checkpoint_must_agree(tmp_path):
+    result = run_train(PRETRAIN, str(tmp_path / "x"), "TRAIN_STEPS=2", f"train.source_checkpoint='{tmp_path}'")
+    assert result.returncode == 2
+    assert "run_kind='source'" in result.stderr and "configs/runs/cpt.gin" in result.stderr
 
 
 def test_bad_binding_names_it(tmp_path):

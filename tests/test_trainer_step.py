@@ -87,7 +87,7 @@ def test_learning_rate_schedule_shape():
     assert values[9] == pytest.approx(2e-4)
     assert np.all(np.diff(values[:10]) > 0) and np.all(np.diff(values[10:]) <= 0)
     assert values[-1] == pytest.approx(2e-5, rel=0.02)
-    with pytest.raises(ValueError, match="warmup_fraction"):
+    with pytest.raises(optim.OptimizerConfigError, match="warmup_fraction"):
         optim.learning_rate_schedule(10, warmup_fraction=1.5)
 
 

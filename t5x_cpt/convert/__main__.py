@@ -1,7 +1,9 @@
 """Command line: `python -m t5x_cpt.convert {import,export,extend_vocab} --flag=value ...`.
 
-Plain flags (no gin): conversion is a tool, not a run. Every failure prints one line naming the
-cause and exits with status 2; no partial output directory is left behind.
+Plain flags (no gin): conversion is a tool, not a run. Bad input (a ConversionError or a
+CheckpointError, both UserInputErrors) prints one line naming the cause and exits with status 2;
+anything else is a bug and ends in a traceback (docs/errors.md). No partial output directory is
+left behind either way.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import logging
 import sys
 from typing import Sequence
 
-from t5x_cpt.convert.common import ConversionError
+from t5x_cpt import errors
+from t5x_cpt.convert.export import export_checkpoint
+from t5x_cpt.convert.importer import import_checkpoint
+from t5x_cpt.convert.vocab_extension import extend_vocabulary
 
 
 def _paths(value: str) -> list[str]:
@@ -59,46 +64,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> int:
+    """Runs one parsed command; bad input raises a UserInputError (ConversionError, CheckpointError)."""
+    if args.command == "import":
+        out = import_checkpoint(args.source, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
+                                overwrite=args.overwrite)
+        print(f"imported {args.source} -> {out}  (use --gin_file={out}/model.gin "
+              f"--gin.SOURCE_CHECKPOINT=\"'{out}'\")")
+    elif args.command == "export":
+        out = export_checkpoint(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer,
+                                architecture=args.architecture, dtype=args.dtype, overwrite=args.overwrite,
+                                max_shard_gb=args.max_shard_gb)
+        print(f"exported {args.checkpoint} -> {out}")
+    else:
+        report = extend_vocabulary(args.checkpoint, args.out, args.target_text, args.num_new_tokens,
+                                   eval_text=args.eval_text, source_eval_text=args.source_eval_text,
+                                   init=args.init, pad_to_multiple_of=args.pad_to_multiple_of,
+                                   min_frequency=args.min_frequency, step=args.step, tokenizer=args.tokenizer,
+                                   overwrite=args.overwrite)
+        print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m t5x_cpt.convert ...`: 0 when done, 2 with one line on stderr for bad input (docs/errors.md)."""
     args = build_parser().parse_args(argv)
     # Our own progress at INFO; libraries (orbax, absl) only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("t5x_cpt").setLevel(logging.INFO)
-    try:
-        if args.command == "import":
-            from t5x_cpt.convert.importer import import_checkpoint
-
-            out = import_checkpoint(args.source, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
-                                    overwrite=args.overwrite)
-            print(f"imported {args.source} -> {out}  (use --gin_file={out}/model.gin "
-                  f"--gin.SOURCE_CHECKPOINT=\"'{out}'\")")
-        elif args.command == "export":
-            from t5x_cpt.convert.export import export_checkpoint
-
-            out = export_checkpoint(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer,
-                                    architecture=args.architecture, dtype=args.dtype, overwrite=args.overwrite,
-                                    max_shard_gb=args.max_shard_gb)
-            print(f"exported {args.checkpoint} -> {out}")
-        else:
-            from t5x_cpt.convert.vocab_extension import extend_vocabulary
-
-            report = extend_vocabulary(args.checkpoint, args.out, args.target_text, args.num_new_tokens,
-                                       eval_text=args.eval_text, source_eval_text=args.source_eval_text,
-                                       init=args.init, pad_to_multiple_of=args.pad_to_multiple_of,
-                                       min_frequency=args.min_frequency, step=args.step, tokenizer=args.tokenizer,
-                                       overwrite=args.overwrite)
-            print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
-    except ConversionError as e:
-        print(f"convert {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # checkpoint errors from t5x_cpt.checkpoints carry their own message
-        from t5x_cpt.checkpoints import CheckpointError
-
-        if isinstance(e, CheckpointError):
-            print(f"convert {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
-    return 0
+    return errors.run_command(f"t5x_cpt.convert {args.command}", lambda _: run(args))
 
 
 if __name__ == "__main__":

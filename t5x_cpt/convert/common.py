@@ -19,21 +19,18 @@ import shutil
 import tempfile
 from typing import Any, Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
+import sentencepiece as spm
+
+from t5x_cpt import checkpoints
+from t5x_cpt.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
 HF_CONFIG_FILE = "hf_config.json"
 IMPORT_INFO_FILE = "import_info.json"
 MODEL_GIN_FILE = "model.gin"
-
-# ModelConfig fields that describe the architecture; model.gin binds these and only these, so
-# run files stay free to choose dtype, remat, scanning and attention implementation.
-ARCHITECTURE_FIELDS = (
-    "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
-    "rms_norm_eps", "rope_theta", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
-    "rope_high_freq_factor", "rope_original_max_position", "qkv_bias", "tie_embeddings",
-)
 
 # Files that make up a Hugging Face tokenizer; copied verbatim when present.
 TOKENIZER_FILES = (
@@ -43,7 +40,7 @@ TOKENIZER_FILES = (
 )
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserInputError):
     """A source or target checkpoint cannot be converted; the message names the cause."""
 
 
@@ -94,7 +91,7 @@ def write_model_gin(directory: str, config, header: str) -> None:
     """model.gin: ModelConfig bindings of the architecture fields, so a run can `--gin_file` it."""
     lines = [f"# {line}" for line in header.splitlines()]
     lines.append("# Architecture only; dtype, remat and layer scanning are left to the run's gin files.")
-    for name in ARCHITECTURE_FIELDS:
+    for name in config.ARCHITECTURE_FIELDS:
         lines.append(f"ModelConfig.{name} = {_gin_literal(getattr(config, name))}")
     with open(os.path.join(directory, MODEL_GIN_FILE), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -115,8 +112,6 @@ def _gin_literal(value: Any) -> str:
 def write_imported_dir(directory: str, config, params: Mapping[str, Any], hf_config: Mapping[str, Any],
                        info: Mapping[str, Any], header: str) -> None:
     """Writes params, model_config.json, model.gin, hf_config.json and import_info.json."""
-    from t5x_cpt import checkpoints
-
     checkpoints.save_params(directory, params)
     checkpoints.write_model_config(directory, config)
     write_model_gin(directory, config, header)
@@ -141,8 +136,6 @@ def tokenizer_size(directory: str) -> int | None:
             ids.append(len(vocab) - 1)
         ids.extend(t["id"] for t in data.get("added_tokens") or [])
     elif os.path.exists(os.path.join(directory, "tokenizer.model")):
-        import sentencepiece as spm
-
         processor = spm.SentencePieceProcessor(model_file=os.path.join(directory, "tokenizer.model"))
         ids.append(processor.GetPieceSize() - 1)
     elif os.path.exists(os.path.join(directory, "vocab.json")):
@@ -184,36 +177,10 @@ def copy_tokenizer(src_dir: str, dst_dir: str, vocab_size: int, required: bool =
     return {"tokenizer_files": copied, "tokenizer_size": size, "padding_rows": vocab_size - size}
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': x}} -> {'a/b': x} for nested dicts of arrays."""
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else key
-        if isinstance(value, Mapping):
-            out.update(flatten(value, path))
-        else:
-            out[path] = value
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of `flatten`."""
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def as_dtype(name: str | None):
     """numpy dtype for 'float32' | 'bfloat16' | 'float16' (bfloat16 through ml_dtypes, as jax uses)."""
     if name is None:
         return None
-    import ml_dtypes
-
     table = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
     if name not in table:
         raise ConversionError(f"unsupported dtype {name!r}; expected one of {sorted(table)}")

@@ -6,9 +6,11 @@
 The checkpoint is an imported DIR or a training MODEL_DIR (latest step unless --step). Its
 model_config.json is the authority on the architecture. What ModelConfig does not model (token ids,
 max positions, Mistral's sliding window) and the tokenizer come from the *origin*: the imported
-DIR itself, or for a MODEL_DIR the `source_checkpoint` in its run_info.json (followed through chains
-of CPT runs). `--tokenizer` overrides the tokenizer. Weights are written as safetensors shards with
-an index when larger than --max_shard_gb; the directory appears only when complete.
+DIR itself, or for a MODEL_DIR the `source_checkpoint` in its run_info.json, followed through
+chains of CPT runs (t5x_cpt/convert/checkpoint_dir.py). `--tokenizer` overrides the tokenizer.
+Parameters are read in the checkpoint's param_dtype and cast tensor by tensor to `--dtype`. Weights
+are written as safetensors shards with an index when larger than --max_shard_gb; the directory
+appears only when complete.
 """
 
 from __future__ import annotations
@@ -19,90 +21,57 @@ import os
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save_file
 
-from t5x_cpt.convert import architectures, common, hf_layout
+from t5x_cpt.convert import architectures, checkpoint_dir, common, hf_layout
 from t5x_cpt.convert.common import ConversionError
 
 log = logging.getLogger(__name__)
-
-RUN_INFO_FILE = "run_info.json"
-
-
-def origin_dir(checkpoint: str, max_depth: int = 16) -> str | None:
-    """The imported DIR a checkpoint descends from (itself if it is one), or None."""
-    path = os.path.abspath(checkpoint)
-    for _ in range(max_depth):
-        if os.path.isfile(os.path.join(path, common.HF_CONFIG_FILE)):
-            return path
-        run_info = os.path.join(path, RUN_INFO_FILE)
-        if not os.path.isfile(run_info):
-            return None
-        parent = common.read_json(run_info).get("source_checkpoint")
-        if not parent:
-            return None
-        path = os.path.abspath(parent)
-        if not os.path.isdir(path):
-            raise ConversionError(f"{run_info} names source_checkpoint {path}, which does not exist; "
-                                  "pass --tokenizer=DIR (and --architecture) explicitly")
-    return None
 
 
 def export_checkpoint(checkpoint: str, out: str, step: int | None = None, tokenizer: str | None = None,
                       architecture: str | None = None, dtype: str = "float32", overwrite: bool = False,
                       max_shard_gb: float = 5.0) -> str:
     """Writes `checkpoint` as a Hugging Face model directory at `out`; returns its path."""
-    from t5x_cpt import checkpoints
-
-    checkpoint = os.path.abspath(checkpoint)
-    config = checkpoints.read_model_config(checkpoint)
-    if config is None:
-        raise ConversionError(f"{checkpoint} has no model_config.json; expected an imported DIR or a MODEL_DIR")
-    origin = origin_dir(checkpoint)
-    base = common.read_json(os.path.join(origin, common.HF_CONFIG_FILE)) if origin else None
-    tokenizer_dir = os.path.abspath(tokenizer) if tokenizer else origin
-    if tokenizer_dir is None:
-        raise ConversionError(f"cannot find the tokenizer of {checkpoint}: it is not an imported DIR and its "
-                              f"{RUN_INFO_FILE} names no source_checkpoint; pass --tokenizer=DIR")
-    if os.path.isfile(tokenizer_dir):
-        tokenizer_dir = os.path.dirname(tokenizer_dir)
-    family = _choose_family(architecture, base, config)
-    hf = family.config_to_hf(config, base)
+    opened = checkpoint_dir.open_checkpoint(checkpoint, tokenizer)
+    if opened.tokenizer_dir is None:
+        raise ConversionError(f"cannot find the tokenizer of {opened.path}: it is not an imported DIR and its "
+                              "run_info.json names no source_checkpoint; pass --tokenizer=DIR")
+    config = opened.config
+    base = opened.hf_config()
+    chosen = _choose_architecture(architecture, base, config)
+    hf = chosen.config_to_hf(config, base)
     out_dtype = common.as_dtype(dtype)
     hf["torch_dtype"] = dtype
 
-    from t5x_cpt.convert.importer import abstract_params
-    from t5x_cpt.model import Decoder
-
-    host_config = config.replace(scan_layers=False, param_dtype="float32", remat="none")
-    params = checkpoints.load_params(checkpoint, abstract_params(Decoder(host_config)), step=step)
+    params = opened.read_params(step)
     with common.atomic_output_dir(out, overwrite) as tmp:
-        tokenizer_facts = common.copy_tokenizer(tokenizer_dir, tmp, config.vocab_size)
+        tokenizer_facts = common.copy_tokenizer(opened.tokenizer_dir, tmp, config.vocab_size)
         common.write_json(os.path.join(tmp, "config.json"), hf)
         files = _write_safetensors(tmp, hf_layout.iter_hf_tensors(params, config, out_dtype), int(max_shard_gb * 2**30))
         common.write_json(os.path.join(tmp, "t5x_cpt_export.json"), {
-            "checkpoint": checkpoint, "step": step, "origin": origin, "architecture": family.MODEL_TYPE,
+            "checkpoint": opened.path, "step": step, "origin": opened.origin, "architecture": chosen.MODEL_TYPE,
             "dtype": dtype, "files": files, "tokenizer": tokenizer_facts,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })
-    log.info("exported %s as %s to %s", checkpoint, family.ARCHITECTURE, out)
+    log.info("exported %s as %s to %s", opened.path, chosen.HF_CLASS, out)
     return os.path.abspath(out)
 
 
-def _choose_family(architecture: str | None, base: dict | None, config):
+def _choose_architecture(architecture: str | None, base: dict | None, config):
+    """The architecture module to export as: the flag, else the origin's (qwen2 only with QKV bias)."""
     if architecture:
-        return architectures.family_by_name(architecture)
-    if base and base.get("model_type") in architectures.FAMILIES:
-        family = architectures.FAMILIES[base["model_type"]]
-        if family.MODEL_TYPE == "qwen2" and not config.qkv_bias:
-            return architectures.FAMILIES["llama"]
-        return family
-    return architectures.FAMILIES["qwen2" if config.qkv_bias else "llama"]
+        return architectures.architecture_by_name(architecture)
+    if base and base.get("model_type") in architectures.ARCHITECTURES:
+        chosen = architectures.ARCHITECTURES[base["model_type"]]
+        if chosen.MODEL_TYPE == "qwen2" and not config.qkv_bias:
+            return architectures.ARCHITECTURES["llama"]
+        return chosen
+    return architectures.ARCHITECTURES["qwen2" if config.qkv_bias else "llama"]
 
 
 def _write_safetensors(directory: str, tensors, max_shard_bytes: int) -> list[str]:
     """Writes (name, array) pairs into shards of at most max_shard_bytes (one file if it fits)."""
-    from safetensors.numpy import save_file
-
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     total = 0

@@ -1,7 +1,7 @@
 """GGUF (llama.cpp) files: architecture metadata -> a Hugging Face config, tensors -> HF layout.
 
 A GGUF is turned into exactly what a Hugging Face directory provides — a config.json-like dict and
-a TensorSource with Hugging Face names and [out, in] layout — so the family modules and
+a TensorSource with Hugging Face names and [out, in] layout — so the architecture modules and
 `hf_layout` do the rest. The traps, each handled here:
   * shapes: GGUF lists dimensions fastest-first; the reader's numpy arrays are already [out, in].
   * quantization: Q4_0/Q4_1/Q5_x/Q8_0/K-quants/F16/BF16 are dequantized to float32 by `gguf.quants`,
@@ -21,10 +21,13 @@ import os
 import re
 from typing import Any
 
+import gguf
 import numpy as np
+from gguf.quants import dequantize
 
 from t5x_cpt.convert.common import ConversionError
 from t5x_cpt.convert.hf_files import TensorSource
+from t5x_cpt.model import ModelConfig, rope_inverse_frequencies
 
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
 _PERMUTED_ARCHITECTURES = ("llama",)
@@ -75,8 +78,6 @@ class GGUFFile:
     """A GGUF file opened for conversion: metadata, the HF-style config and a tensor source."""
 
     def __init__(self, path: str):
-        import gguf
-
         self.path = os.path.abspath(path)
         try:
             self.reader = gguf.GGUFReader(self.path)
@@ -136,7 +137,7 @@ class GGUFFile:
             "rope_scaling": self._rope_scaling(theta, head_dim),
         }
         if self.architecture == "llama" and any(n.endswith(".attn_output.bias") for n in self.tensors):
-            hf["attention_bias"] = True  # refused by the llama family with a clear message
+            hf["attention_bias"] = True  # refused by the llama architecture with a clear message
         for key in ("bos", "eos", "padding"):
             token_id = self.value(f"tokenizer.ggml.{key}_token_id", None)
             if token_id is not None:
@@ -158,8 +159,6 @@ class GGUFFile:
                               "(supported: none, linear, llama3 via rope_freqs)")
 
     def _dequantize(self, tensor) -> np.ndarray:
-        from gguf.quants import dequantize
-
         shape = tuple(int(x) for x in reversed(tensor.shape))  # GGUF lists the fastest dimension first
         try:
             array = dequantize(tensor.data, tensor.tensor_type)
@@ -213,8 +212,6 @@ def llama3_from_rope_freqs(factors: np.ndarray, theta: float, head_dim: int, whe
     original_max_position_embeddings is fixed at 8192 (Llama 3.1's) and low/high are derived; any
     choice yields the same frequencies. The result must reproduce `factors` to 1e-5 relative.
     """
-    from t5x_cpt.model import ModelConfig, rope_inverse_frequencies
-
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     if factors.shape != inv.shape:
         raise ConversionError(f"GGUF {where}: rope_freqs has {factors.size} entries, expected {inv.size}")

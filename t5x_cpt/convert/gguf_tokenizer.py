@@ -19,9 +19,10 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
 from t5x_cpt.convert.common import ConversionError, write_json
 
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -76,8 +77,6 @@ def write_gguf_tokenizer(metadata: Mapping[str, Any], directory: str,
 
 
 def _byte_level(metadata: Mapping[str, Any], tokens: list[str]):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
     pre = metadata.get("tokenizer.ggml.pre") or "default"
     if pre not in BYTE_LEVEL_PRE:
         raise ConversionError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: {sorted(BYTE_LEVEL_PRE)}); "
@@ -109,8 +108,6 @@ def _byte_level(metadata: Mapping[str, Any], tokens: list[str]):
 
 
 def _sentencepiece_bpe(metadata: Mapping[str, Any], tokens: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     scores = metadata.get("tokenizer.ggml.scores")
     if scores is None:
         raise ConversionError("the GGUF SentencePiece tokenizer has no tokenizer.ggml.scores")
@@ -143,8 +140,6 @@ def _merges_from_scores(vocab: Mapping[str, int], scores: Mapping[str, float]) -
 
 
 def _add_special(tokenizer, metadata: Mapping[str, Any], tokens: list[str]) -> None:
-    from tokenizers import AddedToken
-
     types = list(metadata.get("tokenizer.ggml.token_type") or [])
     vocab = tokenizer.get_vocab()
     control = [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types)
@@ -167,8 +162,6 @@ def _special_tokens(metadata: Mapping[str, Any], tokens: list[str]) -> dict[str,
 
 
 def _post_processor(tokenizer, kind: str, specials: Mapping[str, str], add_bos: bool, add_eos: bool) -> None:
-    from tokenizers import processors
-
     pieces_single, pieces_pair, special = ["$A:0"], ["$A:0", "$B:1"], []
     vocab = tokenizer.get_vocab()
     if add_bos and "bos_token" in specials:

@@ -1,6 +1,6 @@
-"""Reading and writing Hugging Face `config.json` fields shared by the LLaMA-like families.
+"""Reading and writing Hugging Face `config.json` fields shared by the LLaMA-like architectures.
 
-Each family module (llama, mistral, qwen2) passes its own table of defaults: a field absent from
+Each architecture module (llama, mistral, qwen2) passes its own table of defaults: a field absent from
 config.json takes the default of the matching transformers config class, exactly as
 `from_pretrained` would, and the fields no sensible default exists for are required. Nothing is
 guessed from tensor shapes.
@@ -21,21 +21,21 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REQUIRED = object()
 
 
-def get_field(hf: Mapping[str, Any], name: str, defaults: Mapping[str, Any], family: str):
-    """hf[name], else the family default, else a ConversionError naming the missing field."""
+def get_field(hf: Mapping[str, Any], name: str, defaults: Mapping[str, Any], architecture: str):
+    """hf[name], else the architecture's default, else a ConversionError naming the missing field."""
     if name in hf and hf[name] is not None:
         return hf[name]
     default = defaults.get(name, REQUIRED)
     if default is REQUIRED:
-        raise ConversionError(f"{family} config.json has no {name!r}; it cannot be inferred")
+        raise ConversionError(f"{architecture} config.json has no {name!r}; it cannot be inferred")
     return default
 
 
-def rope_from_hf(hf: Mapping[str, Any], default_theta: float, family: str) -> dict[str, Any]:
+def rope_from_hf(hf: Mapping[str, Any], default_theta: float, architecture: str) -> dict[str, Any]:
     """ModelConfig rope fields from either spelling; unsupported scaling types raise."""
     params = hf.get("rope_parameters")
     if isinstance(params, Mapping) and "full_attention" in params and "rope_type" not in params:
-        raise ConversionError(f"{family}: per-layer-type rope_parameters are not supported")
+        raise ConversionError(f"{architecture}: per-layer-type rope_parameters are not supported")
     if not isinstance(params, Mapping) or not params:
         params = dict(hf.get("rope_scaling") or {})
     else:
@@ -44,28 +44,29 @@ def rope_from_hf(hf: Mapping[str, Any], default_theta: float, family: str) -> di
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConversionError(
-            f"{family}: rope scaling type {rope_type!r} is not supported "
+            f"{architecture}: rope scaling type {rope_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
-        raise ConversionError(f"{family}: partial_rotary_factor={partial} is not supported (rotary on all dims only)")
+        raise ConversionError(f"{architecture}: partial_rotary_factor={partial} is not supported "
+                              "(rotary on all dims only)")
     fields: dict[str, Any] = {"rope_theta": float(theta), "rope_scaling": "none"}
     if rope_type == "linear":
-        fields.update(rope_scaling="linear", rope_scaling_factor=float(_need(params, "factor", family)))
+        fields.update(rope_scaling="linear", rope_scaling_factor=float(_need(params, "factor", architecture)))
     elif rope_type == "llama3":
         fields.update(
             rope_scaling="llama3",
-            rope_scaling_factor=float(_need(params, "factor", family)),
-            rope_low_freq_factor=float(_need(params, "low_freq_factor", family)),
-            rope_high_freq_factor=float(_need(params, "high_freq_factor", family)),
-            rope_original_max_position=int(_need(params, "original_max_position_embeddings", family)),
+            rope_scaling_factor=float(_need(params, "factor", architecture)),
+            rope_low_freq_factor=float(_need(params, "low_freq_factor", architecture)),
+            rope_high_freq_factor=float(_need(params, "high_freq_factor", architecture)),
+            rope_original_max_position=int(_need(params, "original_max_position_embeddings", architecture)),
         )
     return fields
 
 
-def _need(params: Mapping[str, Any], key: str, family: str):
+def _need(params: Mapping[str, Any], key: str, architecture: str):
     if params.get(key) is None:
-        raise ConversionError(f"{family}: rope scaling is missing {key!r}")
+        raise ConversionError(f"{architecture}: rope scaling is missing {key!r}")
     return params[key]
 
 
@@ -84,31 +85,31 @@ def rope_to_hf(config) -> dict[str, Any]:
     return out
 
 
-def common_fields(hf: Mapping[str, Any], defaults: Mapping[str, Any], family: str) -> dict[str, Any]:
+def common_fields(hf: Mapping[str, Any], defaults: Mapping[str, Any], architecture: str) -> dict[str, Any]:
     """The ModelConfig fields every LLaMA-like config.json spells the same way."""
-    act = get_field(hf, "hidden_act", defaults, family)
+    act = get_field(hf, "hidden_act", defaults, architecture)
     if act not in ("silu", "swish"):
-        raise ConversionError(f"{family}: hidden_act={act!r} is not supported (SwiGLU with silu only)")
-    d_model = int(get_field(hf, "hidden_size", defaults, family))
-    heads = int(get_field(hf, "num_attention_heads", defaults, family))
+        raise ConversionError(f"{architecture}: hidden_act={act!r} is not supported (SwiGLU with silu only)")
+    d_model = int(get_field(hf, "hidden_size", defaults, architecture))
+    heads = int(get_field(hf, "num_attention_heads", defaults, architecture))
     kv_heads = hf.get("num_key_value_heads")
     if kv_heads is None:
         kv_heads = defaults.get("num_key_value_heads") or heads
     head_dim = hf.get("head_dim") or d_model // heads
     if hf.get("head_dim") is None and d_model % heads:
-        raise ConversionError(f"{family}: hidden_size={d_model} not divisible by num_attention_heads={heads}")
+        raise ConversionError(f"{architecture}: hidden_size={d_model} not divisible by num_attention_heads={heads}")
     fields = {
-        "vocab_size": int(get_field(hf, "vocab_size", defaults, family)),
+        "vocab_size": int(get_field(hf, "vocab_size", defaults, architecture)),
         "d_model": d_model,
-        "num_layers": int(get_field(hf, "num_hidden_layers", defaults, family)),
+        "num_layers": int(get_field(hf, "num_hidden_layers", defaults, architecture)),
         "num_heads": heads,
         "num_kv_heads": int(kv_heads),
         "head_dim": int(head_dim),
-        "d_ff": int(get_field(hf, "intermediate_size", defaults, family)),
-        "rms_norm_eps": float(get_field(hf, "rms_norm_eps", defaults, family)),
-        "tie_embeddings": bool(get_field(hf, "tie_word_embeddings", defaults, family)),
+        "d_ff": int(get_field(hf, "intermediate_size", defaults, architecture)),
+        "rms_norm_eps": float(get_field(hf, "rms_norm_eps", defaults, architecture)),
+        "tie_embeddings": bool(get_field(hf, "tie_word_embeddings", defaults, architecture)),
     }
-    fields.update(rope_from_hf(hf, float(defaults.get("rope_theta", 10000.0)), family))
+    fields.update(rope_from_hf(hf, float(defaults.get("rope_theta", 10000.0)), architecture))
     return fields
 
 
@@ -127,9 +128,9 @@ def common_to_hf(config, base: Mapping[str, Any] | None) -> dict[str, Any]:
         "hidden_size": config.d_model,
         "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_size,
-        "intermediate_size": config.mlp_dim,
+        "num_key_value_heads": config.resolved_num_kv_heads,
+        "head_dim": config.resolved_head_dim,
+        "intermediate_size": config.resolved_d_ff,
         "rms_norm_eps": config.rms_norm_eps,
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",

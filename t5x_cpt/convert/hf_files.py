@@ -19,7 +19,10 @@ import glob
 import os
 from typing import Any
 
+import jax
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from t5x_cpt.convert.common import ConversionError, read_json
 
@@ -42,6 +45,45 @@ class TensorSource:
         pass
 
 
+class WeightFilesSource(TensorSource):
+    """Tensors spread over the weight files of one format, found by `from_dir`.
+
+    Subclasses name their format and file patterns and say how to list the tensors of one file.
+    """
+
+    FORMAT: str
+    INDEX_PATTERN: str   # glob of the index json that maps tensor names to files
+    FILE_PATTERN: str    # glob of the weight files themselves
+
+    def __init__(self, files: dict[str, str], description: dict[str, Any]):
+        self._file_of = files
+        self.description = description
+
+    def _tensor_names(self, path: str) -> list[str]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dir(cls, directory: str) -> "WeightFilesSource | None":
+        """The source for `directory`'s files of this format, or None when it has none."""
+        indexes = sorted(glob.glob(os.path.join(directory, cls.INDEX_PATTERN)))
+        if indexes:
+            mapping = _index_map(indexes[0])
+            return cls(mapping, {"format": cls.FORMAT, "files": _basenames(mapping)})
+        files = sorted(glob.glob(os.path.join(directory, cls.FILE_PATTERN)))
+        if not files:
+            return None
+        if len(files) > 1:
+            raise ConversionError(f"{directory} has several {cls.FILE_PATTERN} files "
+                                  f"{[os.path.basename(f) for f in files]} but no {cls.INDEX_PATTERN} saying "
+                                  "which tensor is where")
+        source = cls({}, {"format": cls.FORMAT, "files": [os.path.basename(files[0])]})
+        source._file_of = {name: files[0] for name in source._tensor_names(files[0])}
+        return source
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+
 def _index_map(index_path: str) -> dict[str, str]:
     index = read_json(index_path)
     weight_map = index.get("weight_map")
@@ -58,42 +100,27 @@ def _basenames(mapping: dict[str, str]) -> list[str]:
     return sorted({os.path.basename(f) for f in mapping.values()})
 
 
-class SafetensorsSource(TensorSource):
+class SafetensorsSource(WeightFilesSource):
     """One or more .safetensors files; file handles are opened lazily and kept open."""
 
-    def __init__(self, files: dict[str, str], description: dict[str, Any]):
-        self._file_of = files
-        self._handles: dict[str, Any] = {}
-        self.description = description
+    FORMAT = "safetensors"
+    INDEX_PATTERN = "*.safetensors.index.json"
+    FILE_PATTERN = "*.safetensors"
 
-    @classmethod
-    def from_dir(cls, directory: str) -> "SafetensorsSource | None":
-        indexes = sorted(glob.glob(os.path.join(directory, "*.safetensors.index.json")))
-        if indexes:
-            mapping = _index_map(indexes[0])
-            return cls(mapping, {"format": "safetensors", "files": _basenames(mapping)})
-        files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-        if not files:
-            return None
-        if len(files) > 1:
-            raise ConversionError(f"{directory} has several .safetensors files {[os.path.basename(f) for f in files]} "
-                                  "but no *.safetensors.index.json saying which tensor is where")
-        source = cls({}, {"format": "safetensors", "files": [os.path.basename(files[0])]})
-        source._file_of = {name: files[0] for name in source._open(files[0]).keys()}
-        return source
+    def __init__(self, files: dict[str, str], description: dict[str, Any]):
+        super().__init__(files, description)
+        self._handles: dict[str, Any] = {}
+
+    def _tensor_names(self, path: str) -> list[str]:
+        return list(self._open(path).keys())
 
     def _open(self, path: str):
         if path not in self._handles:
-            from safetensors import safe_open
-
             try:
                 self._handles[path] = safe_open(path, framework="numpy")
             except Exception as e:  # SafetensorError for truncated or corrupt headers
                 raise ConversionError(f"cannot read weight file {path}: {e}") from e
         return self._handles[path]
-
-    def names(self) -> list[str]:
-        return list(self._file_of)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self._file_of[name]).get_slice(name).get_shape())
@@ -117,43 +144,31 @@ class SafetensorsSource(TensorSource):
 
 
 def _read_bf16(path: str, name: str) -> np.ndarray:
-    import jax
-    from safetensors import safe_open
-
     # Kept on the host CPU: on an accelerator machine the default device would be the chip.
     with jax.default_device(jax.devices("cpu")[0]):
         with safe_open(path, framework="flax") as f:
             return np.asarray(f.get_tensor(name))
 
 
-class TorchBinSource(TensorSource):
+class TorchBinSource(WeightFilesSource):
     """pytorch_model*.bin files, memory-mapped one shard at a time."""
 
+    FORMAT = "pytorch_bin"
+    INDEX_PATTERN = "*.bin.index.json"
+    FILE_PATTERN = "pytorch_model*.bin"
+
     def __init__(self, files: dict[str, str], description: dict[str, Any]):
-        self._file_of = files
+        super().__init__(files, description)
         self._loaded_path: str | None = None
         self._state: dict[str, Any] = {}
-        self.description = description
 
-    @classmethod
-    def from_dir(cls, directory: str) -> "TorchBinSource | None":
-        indexes = sorted(glob.glob(os.path.join(directory, "*.bin.index.json")))
-        if indexes:
-            mapping = _index_map(indexes[0])
-            return cls(mapping, {"format": "pytorch_bin", "files": _basenames(mapping)})
-        files = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
-        if not files:
-            return None
-        if len(files) > 1:
-            raise ConversionError(f"{directory} has several pytorch_model*.bin files but no index json")
-        source = cls({}, {"format": "pytorch_bin", "files": [os.path.basename(files[0])]})
-        source._file_of = {name: files[0] for name in source._load(files[0])}
-        return source
+    def _tensor_names(self, path: str) -> list[str]:
+        return list(self._load(path))
 
     def _load(self, path: str) -> dict[str, Any]:
         if self._loaded_path != path:
             try:
-                import torch
+                import torch  # imported here: torch is optional (the 'oracle' extra), needed for .bin only
             except ImportError as e:
                 raise ConversionError(f"reading {path} needs torch (pip install torch), "
                                       "or convert it to safetensors") from e
@@ -165,22 +180,17 @@ class TorchBinSource(TensorSource):
             self._loaded_path = path
         return self._state
 
-    def names(self) -> list[str]:
-        return list(self._file_of)
-
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._load(self._file_of[name])[name].shape)
 
     def get(self, name: str) -> np.ndarray:
-        import torch
+        import torch  # optional, as in _load (which has imported it by now)
 
         tensor = self._load(self._file_of[name]).get(name)
         if tensor is None:
             raise ConversionError(f"tensor {name} is not in {self._file_of[name]} although the index says so")
         tensor = tensor.detach()
         if tensor.dtype == torch.bfloat16:
-            import ml_dtypes
-
             return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
         return tensor.numpy().copy()
 

@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from t5x_cpt.convert.common import ConversionError, unflatten
+from t5x_cpt import param_paths
+from t5x_cpt.convert.common import ConversionError
 from t5x_cpt.convert.hf_files import TensorSource
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ _TRANSPOSE = (np.transpose, np.transpose)
 
 def tensor_specs(config) -> list[TensorSpec]:
     """Every tensor of `config`'s model, in checkpoint order."""
-    d, f, v = config.d_model, config.mlp_dim, config.vocab_size
-    h, kv, hd = config.num_heads, config.kv_heads, config.head_size
+    d, f, v = config.d_model, config.resolved_d_ff, config.vocab_size
+    h, kv, hd = config.num_heads, config.resolved_num_kv_heads, config.resolved_head_dim
     specs = [TensorSpec("model.embed_tokens.weight", (v, d), "embed/embedding", _identity, _identity)]
 
     def in_proj(heads):
@@ -84,27 +85,22 @@ def tensor_specs(config) -> list[TensorSpec]:
 def read_params(source: TensorSource, config, dtype=None, where: str = "checkpoint") -> tuple[dict[str, Any], dict]:
     """Reads every tensor of `config`'s model from `source`, strictly, into an unscanned params tree.
 
-    Missing tensors, extra tensors and shape mismatches raise one ConversionError naming them all
+    Missing tensors, unexpected tensors and shape mismatches raise one ConversionError naming them all
     (checked from the file headers before any tensor is read). `dtype` (numpy) casts every tensor;
     None keeps the stored dtype. Returns (params, facts for import_info).
     """
     specs = tensor_specs(config)
     available = set(source.names())
-    expected = {s.hf_name for s in specs}
-    missing = sorted(expected - available)
-    extra = sorted(n for n in available - expected if not n.endswith(IGNORED_SUFFIXES))
-    tied_duplicate = config.tie_embeddings and "lm_head.weight" in extra
-    if tied_duplicate:  # some tied checkpoints store the head anyway; it must equal the embedding
-        extra.remove("lm_head.weight")
-    wrong = [f"{s.hf_name}: file {source.shape(s.hf_name)} vs config {s.hf_shape}"
-             for s in specs if s.hf_name in available and tuple(source.shape(s.hf_name)) != s.hf_shape]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {_few(missing)}")
-    if extra:
-        problems.append(f"tensors the architecture does not have {_few(extra)}")
-    if wrong:
-        problems.append(f"wrong shapes {_few(wrong)}")
+    # Some tied checkpoints store the head anyway (it must equal the embedding, checked below).
+    tied_duplicate = config.tie_embeddings and "lm_head.weight" in available
+    considered = {n for n in available if not n.endswith(IGNORED_SUFFIXES)}
+    if tied_duplicate:
+        considered.remove("lm_head.weight")
+    expected = {s.hf_name: s.hf_shape for s in specs}
+    # Checkpoint order first: a sharded .bin source maps one shard at a time.
+    in_order = [name for name in expected if name in considered] + sorted(considered - set(expected))
+    found = {name: source.shape(name) for name in in_order}
+    problems = param_paths.shape_differences(expected, found, "file", "config")
     if problems:
         raise ConversionError(f"{where} does not match its config: " + "; ".join(problems))
 
@@ -122,21 +118,15 @@ def read_params(source: TensorSource, config, dtype=None, where: str = "checkpoi
             raise ConversionError(f"{where}: tie_word_embeddings is true but lm_head.weight differs from the "
                                   "embedding; the config and the weights disagree")
         log.info("%s: ignoring lm_head.weight, a copy of the tied embedding", where)
-    return unflatten(flat), {"stored_dtypes": sorted(stored_dtypes), "tensors_read": len(specs)}
+    return param_paths.unflatten(flat), {"stored_dtypes": sorted(stored_dtypes), "tensors_read": len(specs)}
 
 
 def iter_hf_tensors(params: dict[str, Any], config, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """(hf_name, array) for every tensor of `config`'s model, from an unscanned params tree."""
+    flat = param_paths.flatten(params)
     for spec in tensor_specs(config):
-        node: Any = params
-        for key in spec.param_path.split("/"):
-            node = node[key]
-        array = spec.to_hf(np.asarray(node))
+        array = spec.to_hf(np.asarray(flat[spec.param_path]))
         if tuple(array.shape) != spec.hf_shape:
-            raise ConversionError(f"{spec.param_path} has shape {np.shape(node)}; the config expects {spec.hf_shape} "
-                                  f"for {spec.hf_name}")
+            raise ConversionError(f"{spec.param_path} has shape {np.shape(flat[spec.param_path])}; the config "
+                                  f"expects {spec.hf_shape} for {spec.hf_name}")
         yield spec.hf_name, np.ascontiguousarray(array if dtype is None else array.astype(dtype))
-
-
-def _few(items: list[str], n: int = 8) -> str:
-    return str(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")

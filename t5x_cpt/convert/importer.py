@@ -3,7 +3,7 @@
     python -m t5x_cpt.convert import --source=PATH --out=DIR [--tokenizer=DIR] [--dtype=bfloat16]
 
 The architecture is read from the source's config (config.json, or the GGUF metadata turned into
-the same fields) by its family module; weights are streamed one tensor at a time into an
+the same fields) by its architecture module; weights are streamed one tensor at a time into an
 unscanned params tree (peak memory: about one copy of the model) and checked strictly against the
 config before any is read. The output is written to a temporary directory next to DIR and renamed
 only when complete.
@@ -16,9 +16,14 @@ import logging
 import os
 from typing import Any
 
+import jax.numpy as jnp
 
-from t5x_cpt.convert import architectures, common, hf_files, hf_layout
+from t5x_cpt import checkpoints, param_paths
+from t5x_cpt.convert import architectures, checkpoint_dir, common, hf_files, hf_layout
 from t5x_cpt.convert.common import ConversionError
+from t5x_cpt.convert.gguf import GGUFFile
+from t5x_cpt.convert.gguf_tokenizer import write_gguf_tokenizer
+from t5x_cpt.model import Decoder, ModelConfig, abstract_params, convert_layer_layout
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,7 @@ def source_kind(path: str) -> str:
             if f.read(4) == GGUF_MAGIC:
                 return "gguf"
         raise ConversionError(f"{path} is a file but not a GGUF (no GGUF magic); a Hugging Face source is a directory")
-    if any(os.path.isfile(os.path.join(path, name)) for name in (common.HF_CONFIG_FILE, "model_config.json")):
+    if any(os.path.isfile(os.path.join(path, name)) for name in (common.HF_CONFIG_FILE, checkpoints.MODEL_CONFIG_FILE)):
         return "imported"
     if os.path.isfile(os.path.join(path, "config.json")):
         return "hf"
@@ -58,12 +63,10 @@ class Source:
             self.hf_config = common.read_json(os.path.join(self.path, "config.json"))
             where = os.path.join(self.path, "config.json")
         else:
-            from t5x_cpt.convert.gguf import GGUFFile
-
             self.gguf = GGUFFile(self.path)
             self.hf_config = self.gguf.hf_config()
             where = self.path
-        self.family, self.config, self.notes = architectures.model_config_from_hf(self.hf_config, where)
+        self.architecture, self.config, self.notes = architectures.model_config_from_hf(self.hf_config, where)
         window = self.notes.get("sliding_window")
         if window is not None and window < int(self.hf_config.get("max_position_embeddings") or 0):
             log.warning("%s: sliding_window=%d; the imported model attends to the whole sequence, which matches "
@@ -71,7 +74,7 @@ class Source:
 
     def tensors(self) -> hf_files.TensorSource:
         if self.gguf is not None:
-            return self.gguf.tensor_source(self.config.num_heads, self.config.kv_heads)
+            return self.gguf.tensor_source(self.config.num_heads, self.config.resolved_num_kv_heads)
         return hf_files.open_hf_dir(self.path)
 
     def read_params(self, dtype=None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -87,11 +90,9 @@ class Source:
         """Puts the tokenizer into `directory` and checks it against the vocabulary size."""
         if tokenizer is not None:
             return {"tokenizer_from": os.path.abspath(tokenizer),
-                    **common.copy_tokenizer(_tokenizer_dir(tokenizer), directory, self.config.vocab_size)}
+                    **common.copy_tokenizer(checkpoint_dir.tokenizer_dir(tokenizer), directory, self.config.vocab_size)}
         if self.gguf is None:
             return {"tokenizer_from": self.path, **common.copy_tokenizer(self.path, directory, self.config.vocab_size)}
-        from t5x_cpt.convert.gguf_tokenizer import write_gguf_tokenizer
-
         facts = write_gguf_tokenizer(self.gguf.tokenizer_metadata(), directory,
                                      model_max_length=self.hf_config["max_position_embeddings"])
         size = common.tokenizer_size(directory)
@@ -100,13 +101,6 @@ class Source:
                                   f"{self.config.vocab_size} rows")
         return {"tokenizer_from": self.path, "tokenizer_size": size, **facts,
                 "tokenizer_files": ["tokenizer.json", "tokenizer_config.json"]}
-
-
-def _tokenizer_dir(path: str) -> str:
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
-        raise ConversionError(f"tokenizer path {path} does not exist")
-    return path if os.path.isdir(path) else os.path.dirname(path)
 
 
 def import_checkpoint(source: str, out: str, tokenizer: str | None = None, dtype: str | None = None,
@@ -124,7 +118,7 @@ def import_checkpoint(source: str, out: str, tokenizer: str | None = None, dtype
         info = {
             "source": src.path,
             "source_format": facts.pop("format"),
-            "architecture": src.family.MODEL_TYPE,
+            "architecture": src.architecture.MODEL_TYPE,
             "source_architectures": src.hf_config.get("architectures"),
             "stored_dtype": dtype or "/".join(facts.get("stored_dtypes", [])),
             "read": facts,
@@ -136,10 +130,10 @@ def import_checkpoint(source: str, out: str, tokenizer: str | None = None, dtype
         }
         if src.gguf is not None:
             info["gguf_name"] = src.gguf.value("general.name", None)
-        header = f"{src.family.MODEL_TYPE} model imported from {src.path}\nby python -m t5x_cpt.convert import"
+        header = f"{src.architecture.MODEL_TYPE} model imported from {src.path}\nby python -m t5x_cpt.convert import"
         common.write_imported_dir(tmp, src.config, params, src.hf_config, info, header)
         del params
-    log.info("imported %s (%s) into %s", src.path, src.family.MODEL_TYPE, out)
+    log.info("imported %s (%s) into %s", src.path, src.architecture.MODEL_TYPE, out)
     return os.path.abspath(out)
 
 
@@ -153,40 +147,20 @@ def load_pretrained(path: str, step: int | None = None, param_dtype: str | None 
     conversion); `config_overrides` replace ModelConfig fields that do not change the weights'
     shapes (dtype, scan_layers, remat, attention_impl).
     """
-    import jax.numpy as jnp
-
-    from t5x_cpt import checkpoints
-    from t5x_cpt.model import Decoder, convert_layer_layout
-
-    shape_fields = set(common.ARCHITECTURE_FIELDS)
-    bad = sorted(set(config_overrides) & shape_fields)
+    bad = sorted(set(config_overrides) & set(ModelConfig.ARCHITECTURE_FIELDS))
     if bad:
         raise ConversionError(f"load_pretrained cannot override architecture fields {bad}")
+    if param_dtype:
+        config_overrides["param_dtype"] = param_dtype
     path = os.path.abspath(path)
     if source_kind(path) == "imported":
-        config = checkpoints.read_model_config(path)
-        if config is None:
-            raise ConversionError(f"{path} has no model_config.json; is it an imported DIR or a MODEL_DIR?")
-        if param_dtype:
-            config_overrides["param_dtype"] = param_dtype
-        config = config.replace(**config_overrides)
+        config = checkpoint_dir.read_checkpoint_config(path).replace(**config_overrides)
         model = Decoder(config)
-        abstract = abstract_params(model)
-        return model, checkpoints.load_params(path, abstract, step=step)
+        return model, checkpoints.load_params(path, abstract_params(model), step=step)
     src = Source(path)
-    config = src.config.replace(**{**({"param_dtype": param_dtype} if param_dtype else {}), **config_overrides})
+    config = src.config.replace(**config_overrides)
     params, _ = src.read_params(common.as_dtype(config.param_dtype))
-    params = common.flatten(convert_layer_layout(params, config))
+    params = param_paths.flatten(convert_layer_layout(params, config))
     for key in list(params):  # one tensor at a time, so host copies are freed as device copies appear
         params[key] = jnp.asarray(params.pop(key))
-    return Decoder(config), common.unflatten(params)
-
-
-def abstract_params(model):
-    """The model's params as ShapeDtypeStructs (no memory allocated), without logical-axis boxes."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    return nn.meta.unbox(variables["params"])
+    return Decoder(config), param_paths.unflatten(params)

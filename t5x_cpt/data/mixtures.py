@@ -16,11 +16,19 @@ In gin, `replay_mixture()` builds the replay string from its parts, so run files
     replay_mixture.source = 'lo_help_en'
     replay_mixture.ratio = %REPLAY_RATIO
 
-seqio mixes *examples* by rate, so documents of different lengths skew token shares. Here the
-TrainPipeline interleaves document pieces by token deficit (it always draws from the task furthest
-below its token share), so the realised token share after packing equals the weight up to one piece
-(<= sequence_length tokens) over the whole run. The seqio.Mixture registered alongside (rates =
-token weights at step 0) is for seqio tooling only.
+Naming a mixture is the only way to define one: `register(name)` parses it, registers its tasks
+and (for several tasks) a seqio.Mixture of them, and returns what it registered.
+
+Two consumers, one meaning — each task's share of the training *tokens*:
+  * the trainer's TrainPipeline interleaves document pieces by token deficit (it always draws from
+    the task furthest below its token share), so the realised share after packing equals the
+    weight up to one piece (<= sequence_length tokens) over the whole run (pipeline.py);
+  * the seqio.Mixture registered under `MixtureSpec.seqio_name` (seqio names allow no '+' or '@')
+    is for seqio's own tooling (`seqio.get_mixture_or_task(name).get_dataset(...)`, as t5x draws
+    from a mixture): its tasks cut documents into pieces of the feature length and its example
+    rates are weight / mean tokens per example at that length, so seqio's example mixing gives the
+    same token shares in expectation (seqio_mixture.py). A ratio schedule is applied as its value
+    at step 0 there: seqio has no notion of the training step.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ import re
 
 import gin
 
+from t5x_cpt.data import tasks as tasks_lib
 from t5x_cpt.data.errors import DataError
+from t5x_cpt.data.vocabularies import get_vocabulary
 
 _SEQIO_NAME = re.compile(r"[^\w.:#]")
 
@@ -48,6 +58,7 @@ class MixtureSpec:
     target_weights: tuple[float, ...] | None = None
 
     def weights_at(self, step: int) -> tuple[float, ...]:
+        """Each task's token weight at training step `step` (they sum to 1)."""
         if self.schedule is None:
             return self.weights
         r = ratio_at(self.schedule, step)
@@ -55,10 +66,12 @@ class MixtureSpec:
 
     @property
     def seqio_name(self) -> str:
+        """The name seqio's registry knows the mixture by ('+' and '@' become '_')."""
         return _SEQIO_NAME.sub("_", self.name)
 
 
 def check_ratio(r, what: str = "replay ratio") -> float:
+    """`r` as a float in [0, 1), or a DataError naming it."""
     try:
         r = float(r)
     except (TypeError, ValueError):
@@ -85,9 +98,10 @@ def _parse_schedule(text: str) -> tuple[tuple[int, float], ...]:
         if not sep:
             raise DataError(f"ratio schedule point {part!r} is not STEP:RATIO")
         try:
-            points.append((int(step), check_ratio(ratio)))
+            step = int(step)
         except ValueError:
             raise DataError(f"ratio schedule point {part!r}: step is not an integer") from None
+        points.append((step, check_ratio(ratio)))
     steps = [s for s, _ in points]
     if steps != sorted(set(steps)):
         raise DataError(f"ratio schedule steps must increase strictly: {steps}")
@@ -95,6 +109,7 @@ def _parse_schedule(text: str) -> tuple[tuple[int, float], ...]:
 
 
 def format_replay(targets, source: str, ratio=None, schedule=None) -> str:
+    """The replay mixture name of target task(s) + source task at `ratio` (or a ((step, ratio), ...) schedule)."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     if schedule:
         rhs = ",".join(f"{int(s)}:{check_ratio(r)!r}" for s, r in schedule)
@@ -140,55 +155,28 @@ def parse(name: str) -> MixtureSpec:
         if abs(sum(weights) - 1.0) > 1e-6:
             raise DataError(f"mixture {name!r}: weights sum to {sum(weights)}, not 1")
         return MixtureSpec(name, tuple(tasks), weights=tuple(weights))
-    if _REGISTERED.get(name) is not None:
-        return _REGISTERED[name]
     return MixtureSpec(name, (name,), weights=(1.0,))
 
 
-_REGISTERED: dict[str, MixtureSpec] = {}
+@dataclasses.dataclass(frozen=True)
+class RegisteredMixture:
+    """What `register` registered: the parsed name and its tasks, in `spec.task_names` order."""
+
+    spec: MixtureSpec
+    tasks: tuple[tasks_lib.TaskInfo, ...]
 
 
-def register_replay_mixture(name: str, target_tasks, source_task: str, replay_ratio: float | None = None,
-                            schedule=None, target_weights=None, vocabulary=None,
-                            data_dir: str | None = None) -> MixtureSpec:
-    """Registers a named replay mixture (its tasks too) as a seqio.Mixture; re-registering replaces.
+def register(name: str, vocabulary=None, data_dir: str | None = None) -> RegisteredMixture:
+    """Parses a mixture/task name and registers its seqio Tasks (and, for several, the seqio.Mixture
+    under `spec.seqio_name`) with the given (default: gin-selected) vocabulary; re-registering replaces."""
+    spec = parse(name)
+    vocabulary = vocabulary if vocabulary is not None else get_vocabulary()
+    infos = tuple(tasks_lib.register_task(t, vocabulary, data_dir) for t in spec.task_names)
+    if len(infos) > 1:
+        from t5x_cpt.data import seqio_mixture  # pylint: disable=g-import-not-at-top  (imports seqio/TF)
 
-    replay_ratio: fraction of training tokens from `source_task`, in [0, 1). schedule: optional
-    ((step, ratio), ...) instead. target_weights: shares of the targets in the rest (default equal).
-    """
-    targets = (target_tasks,) if isinstance(target_tasks, str) else tuple(target_tasks)
-    if schedule is None:
-        if replay_ratio is None:
-            raise DataError("register_replay_mixture needs replay_ratio or schedule")
-        schedule = ((0, check_ratio(replay_ratio)),)
-    else:
-        schedule = _parse_schedule(",".join(f"{s}:{r}" for s, r in schedule))
-    tw = tuple(target_weights) if target_weights else tuple(1.0 / len(targets) for _ in targets)
-    if len(tw) != len(targets) or any(w < 0 for w in tw) or abs(sum(tw) - 1) > 1e-6:
-        raise DataError(f"target_weights {tw} must be {len(targets)} non-negative numbers summing to 1")
-    spec = MixtureSpec(name, targets + (source_task,), schedule=schedule, target_weights=tw)
-    if source_task in targets:
-        raise DataError(f"replay mixture {name!r}: source {source_task!r} is also a target")
-    _REGISTERED[name] = spec
-    register_spec(spec, vocabulary, data_dir)
-    return spec
-
-
-def register_spec(spec: MixtureSpec, vocabulary=None, data_dir: str | None = None) -> MixtureSpec:
-    """Registers the spec's tasks and (for more than one task) a seqio.Mixture of them."""
-    from t5x_cpt.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
-    from t5x_cpt.data.tfutil import seqio  # pylint: disable=g-import-not-at-top
-
-    for t in spec.task_names:
-        tasks_lib.register_task(t, vocabulary, data_dir)
-    if len(spec.task_names) > 1:
-        sq = seqio()
-        if spec.seqio_name in sq.MixtureRegistry.names():
-            sq.MixtureRegistry.remove(spec.seqio_name)
-        w0 = spec.weights_at(0)
-        # seqio rejects all-zero rates; a zero weight stays zero in our interleaving anyway.
-        sq.MixtureRegistry.add(spec.seqio_name, [(t, max(w, 1e-12)) for t, w in zip(spec.task_names, w0)])
-    return spec
+        seqio_mixture.register(spec.seqio_name, infos, spec.weights_at(0))
+    return RegisteredMixture(spec, infos)
 
 
 @gin.configurable

@@ -25,7 +25,7 @@ import zlib
 import gin
 import numpy as np
 
-from t5x_cpt.data import mixtures, packing, streams
+from t5x_cpt.data import cache, mixtures, packing, streams
 from t5x_cpt.data import tasks as tasks_lib
 from t5x_cpt.data.errors import DataError
 from t5x_cpt.data.vocabularies import get_vocabulary
@@ -55,29 +55,15 @@ def _local_batch(batch_size: int, num_shards: int) -> int:
     return batch_size // num_shards
 
 
-def resolve_mixture(name: str, vocabulary=None, data_dir: str | None = None) -> mixtures.MixtureSpec:
-    """Parses a mixture/task name, registers what it needs, and returns its spec."""
-    spec = mixtures.parse(name)
-    if spec.task_names == (name,):  # a plain name: maybe a seqio Mixture registered elsewhere
-        from t5x_cpt.data.tfutil import seqio  # pylint: disable=g-import-not-at-top
-
-        sq = seqio()
-        if name in sq.MixtureRegistry.names() and name not in sq.TaskRegistry.names():
-            mix = sq.get_mixture_or_task(name)
-            rates = [mix.get_rate(t) for t in mix.tasks]
-            total = sum(rates)
-            return mixtures.MixtureSpec(name, tuple(t.name for t in mix.tasks),
-                                        weights=tuple(r / total for r in rates))
-    return mixtures.register_spec(spec, vocabulary, data_dir)
-
-
 class TrainPipeline:
     """Iterator of packed training batches; see the module docstring."""
 
     def __init__(self, spec: mixtures.MixtureSpec, task_streams: list, sequence_length: int,
-                 local_batch: int, block_length: int, seed: int, shard: tuple[int, int], log_every: int = 100):
+                 local_batch: int, block_length: int, seed: int, shard: tuple[int, int], log_every: int = 100,
+                 data_dir: str | None = None):
         self.spec = spec
         self.task_names = list(spec.task_names)
+        self.data_dir = data_dir  # the prepared-corpus cache it reads (data_fingerprint's data_dir)
         self.sequence_length, self.local_batch, self.block_length = sequence_length, local_batch, block_length
         self.seed, self.shard, self.log_every = seed, shard, log_every
         self._streams = task_streams
@@ -182,7 +168,8 @@ def make_train_pipeline(mixture_or_task_name: str, sequence_length: int, batch_s
                         seed: int = 0, shard_info=None, *, block_length: int | None = None,
                         shuffle_buffer: int = 10_000, log_every: int = 100,
                         data_dir: str | None = None) -> TrainPipeline:
-    """Training batches of a task or mixture name (see mixtures.py for the name syntax).
+    """Training batches of a task or mixture name (see mixtures.py for the name syntax); registers
+    its seqio Tasks and Mixture (mixtures.register).
 
     batch_size is the global batch: each host gets batch_size // shard_info.num_shards rows.
     shard_info defaults to seqio.ShardInfo(jax.process_index(), jax.process_count()).
@@ -195,21 +182,19 @@ def make_train_pipeline(mixture_or_task_name: str, sequence_length: int, batch_s
     shard_info = shard_info if shard_info is not None else default_shard_info()
     index, num = int(shard_info.index), int(shard_info.num_shards)
     local_batch = _local_batch(batch_size, num)
-    vocab = get_vocabulary()
-    spec = resolve_mixture(mixture_or_task_name, vocab, data_dir)
+    mixture = mixtures.register(mixture_or_task_name, get_vocabulary(), data_dir)
     task_streams = []
-    for name in spec.task_names:
-        info = tasks_lib.task_info(name)
-        task_seed = _task_seed(seed, name, index)
+    for info in mixture.tasks:
+        task_seed = _task_seed(seed, info.name, index)
         if info.in_memory:
-            toks, starts, lengths = streams.load_documents(name, "train", index, num, info)
-            task_streams.append(streams.MemoryStream(name, toks, starts, lengths, task_seed))
+            toks, starts, lengths = streams.load_documents(info.name, "train", index, num, info)
+            task_streams.append(streams.MemoryStream(info.name, toks, starts, lengths, task_seed))
         else:
             s = int(np.random.SeedSequence(task_seed).generate_state(1)[0] & 0x7FFFFFFF)
             task_streams.append(streams.DatasetStream(
-                name, streams.dataset_iterator_factory(name, "train", index, num, s, shuffle_buffer)))
-    return TrainPipeline(spec, task_streams, sequence_length, local_batch, block_length, int(seed),
-                         (index, num), log_every)
+                info.name, streams.dataset_iterator_factory(info.name, "train", index, num, s, shuffle_buffer)))
+    return TrainPipeline(mixture.spec, task_streams, sequence_length, local_batch, block_length, int(seed),
+                         (index, num), log_every, data_dir=cache.resolve_data_dir(data_dir))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """`stats`: what a run's input pipeline really delivers, measured on its batches.
 
-    python -m t5x_cpt.data stats --gin_file=configs/data/demo_cpt_replay.gin --gin.REPLAY_RATIO=0.3 --batches=50
+    python -m t5x_cpt.data stats --gin_file=configs/data/stats_example.gin --gin.REPLAY_RATIO=0.3 --batches=50
 
 Reads the same gin files as training (unknown configurables are skipped), builds
 `make_train_pipeline()` from its bindings (mixture_or_task_name, sequence_length, batch_size, seed)

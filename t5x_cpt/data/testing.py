@@ -99,5 +99,20 @@ def pack_rows_with_seqio(rows: list[list], sequence_length: int) -> dict:
     return {k: np.stack([o[k] for o in out]) for k in out[0]}
 
 
+def ascii_token_share(ds, examples: int, max_length: int) -> float:
+    """Share of the tokens of a seqio dataset's first `examples` examples (byte vocabulary) that are in
+    mostly-ASCII examples (English text, source code) rather than mostly multi-byte ones (CJK text).
+    Fails if an example is empty or longer than max_length."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    tokens = np.zeros(2)
+    for batch in ds.map(lambda ex: ex["targets"]).take(examples).ragged_batch(1000).as_numpy_iterator():
+        for row in batch:
+            if not 0 < len(row) <= max_length:
+                raise AssertionError(f"an example has {len(row)} tokens, not 1..{max_length}")
+            tokens[int(np.mean(row >= 0x80 + 3) < 0.3)] += len(row)  # byte b is id b + 3
+    return float(tokens[1] / tokens.sum())
+
+
 def have_dpkg() -> bool:
     return shutil.which("dpkg-deb") is not None

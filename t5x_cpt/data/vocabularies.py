@@ -11,6 +11,7 @@ the number of ids the model's embedding must cover (the trainer checks it agains
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 
@@ -98,21 +99,27 @@ def hf_vocab_spec(path: str = gin.REQUIRED) -> str:
     return f"hf:{path}"
 
 
-@gin.configurable
-def sentencepiece_vocab_spec(path: str = gin.REQUIRED) -> str:
-    """Gin helper: 'sentencepiece:' + path (a model file, or a train_vocab name)."""
-    return f"sentencepiece:{path}"
-
-
 def vocab_size() -> int:
     """Number of ids of the gin-selected vocabulary: the model's vocab size must be >= this."""
     return int(get_vocabulary().vocab_size)
 
 
 def vocabulary_key(vocab) -> str:
-    """A short string that identifies a vocabulary (used to re-register tasks when it changes)."""
+    """A short string naming a vocabulary within one process (class and file; a memo key)."""
     name = type(vocab).__name__
     for attr in ("_sentencepiece_model_file", "path"):
         if hasattr(vocab, attr):
             return f"{name}:{getattr(vocab, attr)}"
     return name
+
+
+def vocabulary_identity(vocab) -> dict:
+    """What defines a vocabulary's ids wherever it is loaded: kind, size, EOS id, and the SHA-256 of
+    its tokenizer file's bytes (none for the byte vocabulary) — not its path."""
+    identity = {"kind": type(vocab).__name__, "vocab_size": int(vocab.vocab_size), "eos_id": int(vocab.eos_id)}
+    if hasattr(vocab, "sp_model"):  # seqio.SentencePieceVocabulary: the serialized model proto
+        identity["file_sha256"] = hashlib.sha256(vocab.sp_model).hexdigest()
+    elif hasattr(vocab, "path"):  # hf_vocab.HfTokenizerVocabulary: tokenizer.json
+        with open(vocab.path, "rb") as f:
+            identity["file_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return identity

@@ -12,8 +12,9 @@ so the same steps give
     a = beta'/(alpha+beta'-gamma),  b = (alpha-gamma)/(alpha+beta'-gamma),
 
 which needs beta' > gamma (otherwise the loss keeps falling as N grows at fixed C: no optimum).
-Written as N_opt = k_N C^a, D_opt = k_D C^b: k_N = G 6^-a and k_D = G^-1 6^-b (PAPER.md's
-published 0.324/0.429, 0.514/0.571, 4.79/0.385, 0.035/0.615 are these numbers).
+Written as N_opt = k_N C^a, D_opt = k_D C^b: k_N = G 6^-a and k_D = G^-1 6^-b (the paper's
+published 0.324/0.429, 0.514/0.571, 4.79/0.385, 0.035/0.615 are these numbers; arXiv 2407.02118,
+compute-optimal allocation).
 
 The frontier ("lowest loss at each compute", Chinchilla approach 1 style) is the lower envelope
 of every (C, loss) point of every run; `fit_frontier` fits L = A' C^-g (+ E') to it.
@@ -25,6 +26,7 @@ import math
 from typing import Mapping, Sequence
 
 import numpy as np
+from scipy.optimize import brentq
 
 from t5x_cpt.scaling import fitting, laws
 from t5x_cpt.scaling.laws import FLOPS_PER_PARAM_TOKEN
@@ -110,7 +112,6 @@ def compute_for_loss(params: Mapping[str, float], target: float) -> float:
         lo -= math.log(1e10)
         if lo < math.log(1e-30):
             return 0.0
-    from scipy.optimize import brentq
     return math.exp(brentq(f, lo, hi, xtol=1e-12, rtol=1e-12))
 
 

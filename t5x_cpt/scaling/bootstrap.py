@@ -3,8 +3,8 @@
 The unit of resampling is the *run*, not the point: the points of one training curve share one
 model, one data order and one schedule, so their errors are correlated, and resampling points
 would treat 20 correlated evaluations as 20 independent facts and give intervals that are far too
-narrow. Each replicate draws as many runs as the table has, with replacement, within each family
-(stratified, so a replicate never loses a family), refits, and records every named quantity; the
+narrow. Each replicate draws as many runs as the table has, with replacement, within each run kind
+(stratified, so a replicate never loses a run kind), refits, and records every named quantity; the
 interval is the (1-level)/2 and (1+level)/2 percentiles of the replicates.
 
 Refits start from the full-data optimum plus a coarse grid (3 values per parameter, the ends
@@ -38,7 +38,7 @@ def coarse_grid(grid: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
     return out
 
 
-def resample_runs(table: Table, rng: np.random.Generator, strata: str | None = "family") -> Table:
+def resample_runs(table: Table, rng: np.random.Generator, strata: str | None = "run_kind") -> Table:
     """One bootstrap table: runs drawn with replacement (within strata); duplicates renamed."""
     runs = table.run_ids()
     groups = table[strata] if strata and table.has(strata) else np.full(len(table), "")
@@ -58,7 +58,7 @@ def resample_runs(table: Table, rng: np.random.Generator, strata: str | None = "
 
 
 def bootstrap(table: Table, statistic: Statistic, *, n: int = 200, seed: int = 0,
-              level: float = 0.9, strata: str | None = "family",
+              level: float = 0.9, strata: str | None = "run_kind",
               keep_samples: Sequence[str] | None = None) -> dict:
     """Run `statistic(resampled_table, replicate_index)` on `n` run-level resamples.
 
@@ -76,7 +76,7 @@ def bootstrap(table: Table, statistic: Statistic, *, n: int = 200, seed: int = 0
     n_runs = {str(g) or "all": len(set(runs[groups == g])) for g in sorted(set(groups))}
     if min(n_runs.values()) < 2:
         raise ScalingInputError(f"{table.source}: bootstrap over runs needs at least 2 runs per "
-                                f"family; have {n_runs}")
+                                f"run kind; have {n_runs}")
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {}
     failures: list[str] = []

@@ -2,14 +2,14 @@
 
 Every command prints exactly one JSON object on stdout (and writes it to --out when given); logs
 go to stderr. Bad input prints one message on stderr, a JSON object {"error": ...} on stdout and
-exits with status 2.
+exits with status 2; anything else is a bug and ends in a traceback (docs/errors.md).
 
   collect   MODEL_DIRs (metrics.jsonl + run_info.json) -> run table CSV
   fit       one law on a run table (chinchilla | cpt | frontier | frontier_e | forgetting)
   allocate  compute-optimal N, D (and loss) at budgets from a fit
   savings   per CPT run: compute saved and tokens transferred against same-size scratch runs
   plan      recommended N, D for CPT and scratch at a budget, predicted losses and saving
-  compare   fit errors of both laws on both families, and leave-largest-sizes-out errors
+  compare   fit errors of both laws on both run kinds, and leave-largest-sizes-out errors
   report    all of the above on one table, plus plots
 """
 
@@ -26,14 +26,15 @@ from typing import Sequence
 
 import numpy as np
 
-from t5x_cpt.scaling import (allocation, collect, comparison, forgetting, laws, planner,
-                             procedures, savings as savings_mod)
+from t5x_cpt.errors import UserInputError, one_line, run_command
+from t5x_cpt.scaling import (allocation, bootstrap, collect, comparison, forgetting, laws, planner,
+                             procedures, report, savings as savings_mod)
 from t5x_cpt.scaling.tables import ScalingInputError, Table, read_table, write_table
 
 log = logging.getLogger("t5x_cpt.scaling")
 
 FIT_LAWS = ("chinchilla", "cpt", "frontier", "frontier_e", "forgetting")
-DEFAULT_FAMILY = {"chinchilla": "scratch", "cpt": "cpt", "forgetting": "cpt"}
+DEFAULT_RUN_KIND = {"chinchilla": "scratch", "cpt": "cpt", "forgetting": "cpt"}
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -87,16 +88,16 @@ def _clean(obj):
     return obj
 
 
-def _table(args, family_default: str | None = None) -> Table:
+def _table(args, run_kind_default: str | None = None) -> Table:
     t = read_table(args.runs)
     if getattr(args, "language", None):
         t = t.filter(language=args.language)
-    family = getattr(args, "family", None)
-    if family is None and family_default and t.has("family") and len(t.families()) > 1:
-        family = family_default
-        log.info("table holds families %s: using --family=%s", t.families(), family)
-    if family:
-        t = t.filter(family=family)
+    run_kind = getattr(args, "run_kind", None)
+    if run_kind is None and run_kind_default and t.has("run_kind") and len(t.run_kinds()) > 1:
+        run_kind = run_kind_default
+        log.info("table holds run kinds %s: using --run_kind=%s", t.run_kinds(), run_kind)
+    if run_kind:
+        t = t.filter(run_kind=run_kind)
     return t
 
 
@@ -107,7 +108,7 @@ def cmd_collect(args) -> dict:
     write_table(args.csv, table)
     runs = sorted(set(table["run"]))
     return {"csv": os.path.abspath(args.csv), "rows": len(table), "runs": runs,
-            "families": table.families(), "loss_keys": sorted(set(table["loss_key"])),
+            "run_kinds": table.run_kinds(), "loss_keys": sorted(set(table["loss_key"])),
             "columns": list(table.columns)}
 
 
@@ -120,7 +121,7 @@ def cmd_fit(args) -> dict:
                                 "--unfrozen to fit all six parameters")
     if args.frozen and law_name != "cpt":
         raise ScalingInputError("--frozen applies to --law=cpt only")
-    table = _table(args, DEFAULT_FAMILY.get(law_name))
+    table = _table(args, DEFAULT_RUN_KIND.get(law_name))
     t0 = time.perf_counter()
     if law_name == "forgetting":
         fit = forgetting.fit_forgetting(table, workers=args.workers)
@@ -156,7 +157,7 @@ def cmd_fit(args) -> dict:
                 out["allocation"] = allocation.allocation_report(fit.params, budgets or [1e21])
             except ScalingInputError as e:
                 out["allocation"] = {"error": str(e)}
-    out["family"] = getattr(args, "family", None) or (table.families()[0] if len(table.families()) == 1 else None)
+    out["run_kind"] = getattr(args, "run_kind", None) or (table.run_kinds()[0] if len(table.run_kinds()) == 1 else None)
     out["table"] = os.path.abspath(args.runs)
     out["seconds"] = time.perf_counter() - t0
     log.info("%s", " ".join(f"{k}={out[k]:.4g}" for k in fit.law.natural_names()))
@@ -169,16 +170,15 @@ def cmd_allocate(args) -> dict:
     out = allocation.allocation_report(fit, budgets)
     boot = fit.get("bootstrap")
     if boot:
-        from t5x_cpt.scaling import bootstrap as bs
         names = list(laws.law_from_params(fit).natural_names())
-        samples = bs.samples_as_dicts(boot, names)
+        samples = bootstrap.samples_as_dicts(boot, names)
         if samples:
             level = float(boot.get("level", 0.9))
             vals: dict[str, list[float]] = {}
             for s in samples:
                 for k, v in allocation.derived_quantities(s, budgets).items():
                     vals.setdefault(k, []).append(v)
-            out["intervals"] = {k: bs.percentile_interval(v, level) for k, v in vals.items()}
+            out["intervals"] = {k: bootstrap.percentile_interval(v, level) for k, v in vals.items()}
             out["interval_level"] = level
     return out
 
@@ -209,8 +209,7 @@ def cmd_compare(args) -> dict:
 
 
 def cmd_report(args) -> dict:
-    from t5x_cpt.scaling import report
-    return report.build(args)
+    return report.build(args, budgets=_floats(args.flops, "--flops"))
 
 
 COMMANDS = {"collect": cmd_collect, "fit": cmd_fit, "allocate": cmd_allocate,
@@ -242,7 +241,7 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("fit", help="fit a law to a run table")
     common(sp)
     sp.add_argument("--law", required=True, choices=FIT_LAWS)
-    sp.add_argument("--family", choices=("scratch", "cpt", "source"))
+    sp.add_argument("--run_kind", choices=("scratch", "cpt", "source"))
     sp.add_argument("--frozen", help="scratch fit JSON: freeze E, A, alpha (two-stage CPT fit)")
     sp.add_argument("--unfrozen", action="store_true", help="CPT fit with all six parameters free")
     sp.add_argument("--grid", default="full", choices=procedures.GRID_CHOICES)
@@ -289,22 +288,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+def run(args: argparse.Namespace) -> int:
+    """Runs one parsed command and prints its JSON; bad input raises a UserInputError."""
     try:
         result = COMMANDS[args.command](args)
-    except ScalingInputError as e:
-        msg = str(e)
-        print(f"scaling {args.command}: error: {msg}", file=sys.stderr)
-        print(json.dumps({"error": msg, "command": args.command}))
-        return 2
-    result = _clean(result)
-    text = json.dumps(result, indent=2)
+    except UserInputError as e:
+        # Stdout stays one JSON object even on failure, for scripts that parse it.
+        print(json.dumps({"error": one_line(e), "command": args.command}))
+        raise
+    text = json.dumps(_clean(result), indent=2)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
             fh.write(text + "\n")
     print(text)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """0 when done; 2 with one line on stderr for bad input (docs/errors.md)."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return run_command(f"t5x_cpt.scaling {args.command}", lambda _: run(args))

@@ -1,11 +1,11 @@
 """Build a run table from training MODEL_DIRs.
 
-Each MODEL_DIR holds what the trainer writes:
-  run_info.json   {"params": N, "non_embedding_params": ..., "family": "scratch"|"cpt"|"source",
+Each MODEL_DIR (a local path or gs://...) holds what the trainer writes (t5x_cpt/run_dir.py, which
+also reads it here):
+  run_info.json   {"params": N, "non_embedding_params": ..., "run_kind": "scratch"|"cpt"|"source",
                    "language": ..., "replay_ratio": ..., "run": name, ...}
   metrics.jsonl   one JSON object per line: step, tokens, flops, train/loss and, on eval steps,
-                  eval/<task>/loss (optionally tokens/<language>: target tokens seen)
-  config.gin      the operative config (not read here)
+                  eval/<task>/loss (optionally tokens/<task>: tokens seen per task)
 
 One row per metrics line that carries the chosen loss key and has seen tokens (> 0):
   N = run_info[params_key]; D = target-language tokens: the sum of the trainer's realised per-task
@@ -14,7 +14,7 @@ One row per metrics line that carries the chosen loss key and has seen tokens (>
   flops = the line's `flops` (cumulative training FLOPs, all languages); loss0 = the same key's
   value at tokens == 0 (the step-0 eval of the loaded weights), when present.
 
-Required fields: run_info `family` and the params key; every metrics line used needs `tokens`.
+Required fields: run_info `run_kind` (runs of older versions wrote it as `family`) and the params key; every metrics line used needs `tokens`.
 Optional: `run` (defaults to the directory name), `language` (defaults to ""), `replay_ratio`
 (defaults to 0; a CPT run without it is reported on stderr).
 """
@@ -31,7 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
-from t5x_cpt.scaling.tables import FAMILIES, ScalingInputError, Table, from_rows
+from t5x_cpt import run_dir
+from t5x_cpt.scaling.tables import ScalingInputError, Table, from_rows
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +40,30 @@ EVAL_LOSS = re.compile(r"^eval/(.+)/loss$")
 
 
 def expand_model_dirs(spec: str | Sequence[str]) -> list[str]:
-    """Directories from a comma list of paths and/or globs; each pattern must match something."""
+    """Directories from a comma list of paths and/or globs (local or gs://...); each pattern must
+    match something."""
     parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
     if not parts:
         raise ScalingInputError("--model_dirs is empty")
     out: list[str] = []
     for p in parts:
-        hits = sorted(h for h in glob.glob(p) if os.path.isdir(h))
+        hits = sorted(h for h in _glob(p) if run_dir.as_path(h).is_dir())
         if not hits:
             raise ScalingInputError(f"--model_dirs: {p!r} matches no directory")
         out.extend(h for h in hits if h not in out)
     return out
+
+
+def _glob(pattern: str) -> list[str]:
+    if run_dir.is_local(pattern):
+        return glob.glob(pattern)
+    # An URL: glob below the last component without a wildcard (epath globs gs:// too).
+    parts = pattern.split("/")
+    fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    if fixed == len(parts):
+        return [pattern] if run_dir.as_path(pattern).exists() else []
+    base = run_dir.as_path("/".join(parts[:fixed]))
+    return [str(p) for p in base.glob("/".join(parts[fixed:]))] if base.exists() else []
 
 
 def read_json_object(path: str, what: str | None = None) -> dict:
@@ -68,25 +82,15 @@ def read_json_object(path: str, what: str | None = None) -> dict:
     return data
 
 
-def read_metrics(path: str) -> list[dict]:
-    """The JSON objects of a metrics.jsonl file, in order; a malformed line is an error."""
-    if not os.path.isfile(path):
-        raise ScalingInputError(f"{path} does not exist (the trainer writes it into MODEL_DIR)")
-    rows = []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ScalingInputError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise ScalingInputError(f"{path}:{lineno}: expected a JSON object")
-            rows.append(obj)
+def read_metrics(model_dir: str) -> list[dict]:
+    """The records of MODEL_DIR/metrics.jsonl (t5x_cpt.run_dir's reader); none at all is an error."""
+    try:
+        rows = run_dir.read_metrics(model_dir)
+    except run_dir.RunDirError as e:
+        raise ScalingInputError(str(e)) from None
     if not rows:
-        raise ScalingInputError(f"{path}: no metrics lines")
+        raise ScalingInputError(f"{model_dir}: no metrics records in {run_dir.METRICS} (the trainer writes them "
+                                "into MODEL_DIR)")
     return rows
 
 
@@ -139,16 +143,22 @@ def choose_loss_key(metrics: list[dict], language: str | None, loss_key: str | N
 def collect_dir(model_dir: str, *, language: str | None = None, loss_key: str | None = None,
                 params_key: str = "params") -> list[dict]:
     """Table rows of one MODEL_DIR (module docstring)."""
-    info = read_json_object(os.path.join(model_dir, "run_info.json"),
-                            "run_info.json (the trainer writes it into MODEL_DIR)")
-    where = os.path.join(model_dir, "run_info.json")
-    for field in (params_key, "family"):
+    where = f"{model_dir}/{run_dir.RUN_INFO}"
+    try:
+        info = run_dir.read_run_info(model_dir)
+    except run_dir.RunDirError as e:
+        raise ScalingInputError(str(e)) from None
+    if info is None:
+        raise ScalingInputError(f"{where} does not exist (the trainer writes it into MODEL_DIR)")
+    if "run_kind" not in info and "family" in info:  # written by versions before the rename
+        info["run_kind"] = info["family"]
+    for field in (params_key, "run_kind"):
         if field not in info or info[field] in (None, ""):
             raise ScalingInputError(f"{where}: required field {field!r} is missing "
                                     f"(fields present: {sorted(info)})")
-    family = str(info["family"])
-    if family not in FAMILIES:
-        raise ScalingInputError(f"{where}: family {family!r} is not one of {list(FAMILIES)}")
+    run_kind = str(info["run_kind"])
+    if run_kind not in run_dir.RUN_KINDS:
+        raise ScalingInputError(f"{where}: run_kind {run_kind!r} is not one of {list(run_dir.RUN_KINDS)}")
     try:
         n = float(info[params_key])
     except (TypeError, ValueError):
@@ -161,9 +171,9 @@ def collect_dir(model_dir: str, *, language: str | None = None, loss_key: str | 
         replay = float(info["replay_ratio"])
     else:
         replay = 0.0
-        if family == "cpt":
+        if run_kind == "cpt":
             log.warning("%s: no replay_ratio; taking 0", where)
-    metrics = read_metrics(os.path.join(model_dir, "metrics.jsonl"))
+    metrics = read_metrics(model_dir)
     key = choose_loss_key(metrics, language, loss_key, model_dir)
     rows, loss0 = [], math.nan
     for lineno, m in enumerate(metrics, 1):
@@ -180,7 +190,7 @@ def collect_dir(model_dir: str, *, language: str | None = None, loss_key: str | 
         d = realised if realised is not None else tokens * (1.0 - replay)
         if d <= 0:
             continue
-        rows.append({"N": n, "D": d, "loss": float(m[key]), "family": family, "run": run,
+        rows.append({"N": n, "D": d, "loss": float(m[key]), "run_kind": run_kind, "run": run,
                      "language": run_language, "replay_ratio": replay,
                      "flops": float(m["flops"]) if m.get("flops") is not None else math.nan,
                      "loss_key": key, "step": float(m.get("step", math.nan)), "tokens": tokens})

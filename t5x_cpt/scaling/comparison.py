@@ -1,4 +1,4 @@
-"""Model comparison: which law describes which family, in-sample and out of sample.
+"""Model comparison: which law describes which run kind, in-sample and out of sample.
 
   fit_errors(table)        the paper's Table 3: the Chinchilla law and the CPT (extended) law
                            fitted to scratch runs and to CPT runs, with their fit errors
@@ -31,17 +31,17 @@ def _errors(fit: fitting.Fit) -> dict:
 
 
 def fit_errors(table: Table, *, grid: str = "full", workers: int | None = None) -> dict:
-    """Table 3: fit errors of both laws on both families present in `table`."""
-    table.require(["family"], "compare (it fits each family separately)")
+    """Table 3: fit errors of both laws on both run kinds present in `table`."""
+    table.require(["run_kind"], "compare (it fits each run kind separately)")
     out: dict = {}
     scratch_fit = None
-    if np.any(table["family"] == "scratch"):
-        t = table.filter(family="scratch")
+    if np.any(table["run_kind"] == "scratch"):
+        t = table.filter(run_kind="scratch")
         scratch_fit = procedures.fit_table(laws.CHINCHILLA, t, grid=grid, workers=workers)
         ext = procedures.fit_table(laws.CPT, t, grid=grid, workers=workers)
         out["scratch"] = {"chinchilla": _errors(scratch_fit), "cpt_law": _errors(ext)}
-    if np.any(table["family"] == "cpt"):
-        t = table.filter(family="cpt")
+    if np.any(table["run_kind"] == "cpt"):
+        t = table.filter(run_kind="cpt")
         chin = procedures.fit_table(laws.CHINCHILLA, t, grid=grid, workers=workers)
         ext = procedures.fit_table(laws.CPT, t, grid=grid, workers=workers)
         out["cpt"] = {"chinchilla": _errors(chin), "cpt_law_unfrozen": _errors(ext)}
@@ -76,19 +76,19 @@ def _prediction_errors(law: laws.PowerLaw, fit: fitting.Fit, test: Table) -> dic
 
 def extrapolation(table: Table, *, holdout: int = 1, grid: str = "full",
                   workers: int | None = None) -> dict:
-    """Leave the `holdout` largest sizes out of each family, fit the rest, predict them."""
-    table.require(["family"], "compare (it fits each family separately)")
+    """Leave the `holdout` largest sizes out of each run kind, fit the rest, predict them."""
+    table.require(["run_kind"], "compare (it fits each run kind separately)")
     out: dict = {}
     scratch_fit = None
-    if np.any(table["family"] == "scratch"):
-        train, test, held = _holdout_split(table.filter(family="scratch"), holdout)
+    if np.any(table["run_kind"] == "scratch"):
+        train, test, held = _holdout_split(table.filter(run_kind="scratch"), holdout)
         scratch_fit = procedures.fit_table(laws.CHINCHILLA, train, grid=grid, workers=workers)
         ext = procedures.fit_table(laws.CPT, train, grid=grid, workers=workers)
         out["scratch"] = {"held_out_sizes": held.tolist(),
                           "chinchilla": _prediction_errors(laws.CHINCHILLA, scratch_fit, test),
                           "cpt_law": _prediction_errors(laws.CPT, ext, test)}
-    if np.any(table["family"] == "cpt"):
-        train, test, held = _holdout_split(table.filter(family="cpt"), holdout)
+    if np.any(table["run_kind"] == "cpt"):
+        train, test, held = _holdout_split(table.filter(run_kind="cpt"), holdout)
         chin = procedures.fit_table(laws.CHINCHILLA, train, grid=grid, workers=workers)
         ext = procedures.fit_table(laws.CPT, train, grid=grid, workers=workers)
         entry = {"held_out_sizes": held.tolist(),
@@ -104,19 +104,19 @@ def extrapolation(table: Table, *, holdout: int = 1, grid: str = "full",
 
 
 def compare(table: Table, *, holdout: int = 1, grid: str = "full", workers: int | None = None) -> dict:
-    """Fit errors (Table 3) and extrapolation errors, with a one-line verdict per family."""
+    """Fit errors (Table 3) and extrapolation errors, with a one-line verdict per run kind."""
     errors = fit_errors(table, grid=grid, workers=workers)
     extra = extrapolation(table, holdout=holdout, grid=grid, workers=workers)
     verdict = {}
-    for fam, entry in extra.items():
+    for kind, entry in extra.items():
         ranked = sorted((k for k in entry if k != "held_out_sizes"),
                         key=lambda k: entry[k]["mean_abs_rel_error"])
         best, second = ranked[0], ranked[1]
         e1, e2 = entry[best]["mean_abs_rel_error"], entry[second]["mean_abs_rel_error"]
         if e2 - e1 <= TIE_RTOL * e2:
-            verdict[fam] = (f"tie on the held-out largest sizes: {best} and {second} predict within "
+            verdict[kind] = (f"tie on the held-out largest sizes: {best} and {second} predict within "
                             f"{TIE_RTOL:.0%} of each other (mean |relative error| {e1:.2%} vs {e2:.2%})")
         else:
-            verdict[fam] = (f"lowest extrapolation error on the held-out largest sizes: {best} "
+            verdict[kind] = (f"lowest extrapolation error on the held-out largest sizes: {best} "
                             f"(mean |relative error| {e1:.2%}; next {second}: {e2:.2%})")
     return {"fit_errors": errors, "extrapolation": extra, "holdout": holdout, "verdict": verdict}

@@ -1,6 +1,6 @@
 """Robust fits of power-sum laws: Huber loss on log-loss residuals, L-BFGS from a grid of starts.
 
-This is Hoffmann et al. (2022) approach 3 and the paper's procedure (PAPER.md):
+This is Hoffmann et al. (2022) approach 3 and the paper's procedure (arXiv 2407.02118, the fitting of its laws):
 
     minimise  sum_i Huber_delta( LSE_k(term_k(theta; x_i)) - log L_i ),   delta = 1e-3
 

@@ -16,9 +16,9 @@ the vectorised fitter cheap: every derivative of a term is a constant, a column 
 Parameter names. The log-space (fitting) names are lower case: `e, a, b` for log E, log A, log B,
 and the exponents by name (`alpha, beta, gamma, ...`). The natural names users see are `E, A, B`
 (= exp of the log names) and the exponents unchanged. For the CPT law B and beta hold B' and
-beta' (PAPER.md), as the CLI's JSON does.
+beta' (the paper's notation, arXiv 2407.02118), as the CLI's JSON does.
 
-Laws (PAPER.md):
+Laws (arXiv 2407.02118; docs/scaling.md):
   chinchilla  L = E + A/N^alpha + B/D^beta
   cpt         L = E + A/N^alpha + B'/(D^beta' N^gamma)
   frontier    L = A' C^-g   (+ E' with `frontier_e`)          C = compute
@@ -34,7 +34,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 # The compute convention C = 6 N D has one definition, in t5x_cpt.flops (free of jax imports).
-from t5x_cpt.flops import FLOPS_PER_PARAM_TOKEN, scaling_compute  # noqa: E402,F401  (re-exported)
+from t5x_cpt.flops import FLOPS_PER_PARAM_TOKEN, scaling_compute  # noqa: F401  (re-exported)
+from t5x_cpt.scaling.tables import ScalingInputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,16 +108,16 @@ class PowerLaw:
 
     def from_natural(self, params: Mapping[str, float], names: Sequence[str] | None = None) -> dict[str, float]:
         """Natural dict (E, A, alpha, ...) -> log-space dict of `names` (default: all parameters);
-        raises KeyError for a missing value, ValueError for a non-positive coefficient."""
+        a missing value or a non-positive coefficient raises ScalingInputError."""
         out = {}
         for k in (self.param_names if names is None else names):
             nat = natural_name(k)
             if nat not in params:
-                raise KeyError(f"law {self.name!r} needs parameter {nat!r}; got {sorted(params)}")
+                raise ScalingInputError(f"law {self.name!r} needs parameter {nat!r}; got {sorted(params)}")
             v = float(params[nat])
             if k in self.coef_names:
                 if not v > 0:
-                    raise ValueError(f"coefficient {nat} must be positive, got {v}")
+                    raise ScalingInputError(f"coefficient {nat} must be positive, got {v}")
                 v = math.log(v)
             out[k] = v
         return out
@@ -178,7 +179,7 @@ CHINCHILLA = PowerLaw(
     formula="L = E + A/N^alpha + B/D^beta",
 )
 
-# CPT law (PAPER.md): the data term also decays with model size, B'/(D^beta' N^gamma).
+# CPT law (arXiv 2407.02118, the extended scaling law): the data term also decays with model size, B'/(D^beta' N^gamma).
 # The gamma grid spans the published value (0.08) and the scratch-data value (-0.005) with room
 # either side; gamma * log N ~ +-10 is absorbed by the b grid.
 CPT_GAMMA_GRID = [-0.25, 0.0, 0.25]
@@ -221,7 +222,7 @@ def forgetting_law(with_baseline_column: bool) -> PowerLaw:
     L_src is the source-language loss of a CPT run, C_t its target-language compute
     (column `C`), r its replay ratio, N its size; the column `M` holds (1 + K r) N.
 
-    Why this form. The paper's observations (PAPER.md, finding 5) are that without replay the
+    Why this form. The paper's observations (arXiv 2407.02118, the replay experiments) are that without replay the
     source loss of a CPT model climbs from its starting value as target training proceeds
     (2.40 -> 3.68 nats at 1.4B), and that a small replay ratio stops the climb. The form is that
     of Bethune et al. 2025 (forgetting during fine-tuning with pre-training data injection),
@@ -253,11 +254,10 @@ def law_from_params(params: Mapping[str, float]) -> PowerLaw:
     if isinstance(name, str):
         if name in LAWS:
             return LAWS[name]
-        raise ValueError(f"unknown law {name!r}; known: {sorted(LAWS)}")
+        raise ScalingInputError(f"unknown law {name!r}; known: {sorted(LAWS)}")
     return CPT if "gamma" in params else CHINCHILLA
 
 
-# Published coefficients (PAPER.md, Table 2(a)); the expected *shape*, not ground truth.
+# Published coefficients (arXiv 2407.02118, Table 2(a)); the expected *shape*, not ground truth.
 PUBLISHED_SCRATCH = {"E": 1.55, "A": 420.0, "B": 719.5, "alpha": 0.40, "beta": 0.30}
 PUBLISHED_CPT = {"E": 1.55, "A": 420.0, "B": 433.3, "alpha": 0.40, "beta": 0.20, "gamma": 0.08}
-PUBLISHED_FRONTIER = {"scratch": {"A": 33.69907, "g": 0.0579}, "cpt": {"A": 31.9594, "g": 0.0575}}

@@ -1,7 +1,7 @@
 """Planner: for a compute budget, the recommended N and D for CPT and for scratch, the predicted
 target-language losses, the predicted saving, and bootstrap intervals.
 
-Conventions (PAPER.md):
+Conventions (arXiv 2407.02118; docs/scaling.md):
   * C = 6 N D counts target-language tokens. With a replay ratio r, a CPT run of total budget C
     spends (1 - r) C on the target language; the paper finds replay almost free for the target
     at equal target compute, so the CPT prediction uses the CPT law at (1 - r) C.
@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from t5x_cpt import param_paths
 from t5x_cpt.scaling import allocation, bootstrap
 from t5x_cpt.scaling.laws import FLOPS_PER_PARAM_TOKEN
 from t5x_cpt.scaling.tables import ScalingInputError
@@ -64,17 +65,6 @@ def plan_point(scratch: Mapping[str, float], cpt: Mapping[str, float], flops: fl
     }
 
 
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = float(v)
-    return out
-
-
 def plan(scratch_json: Mapping, cpt_json: Mapping, flops: float, *, replay_ratio: float = 0.0,
          source_sizes: Sequence[float] | None = None, level: float | None = None) -> dict:
     """Plan a budget from a scratch fit and a CPT fit (JSON dicts as `fit` writes them, or
@@ -109,8 +99,8 @@ def plan(scratch_json: Mapping, cpt_json: Mapping, flops: float, *, replay_ratio
             except ScalingInputError:
                 failed += 1
                 continue
-            for k, v in _flatten(p).items():
-                flat.setdefault(k, []).append(v)
+            for k, v in param_paths.flatten(p, separator=".").items():  # {"cpt": {"N": x}} -> "cpt.N"
+                flat.setdefault(k, []).append(float(v))
         out["intervals"] = {k: bootstrap.percentile_interval(v, lvl) for k, v in flat.items()}
         out["interval_info"] = {"level": lvl, "replicates": m - failed, "failed": failed}
     else:

@@ -1,7 +1,7 @@
 """Figures (matplotlib, PNG, no display needed).
 
   loss_vs_compute   loss against C = 6 N D, one curve per run coloured by size, with the fitted
-                    law at each size dashed (one panel per family)
+                    law at each size dashed (one panel per run kind)
   isoloss           IsoLoss contours of a law over (compute, N), the efficient frontier
                     N_opt(C) and the runs on top (the paper's Fig. 4 kind)
   savings           saved fraction and effectively transferred tokens along each CPT run
@@ -21,6 +21,7 @@ from t5x_cpt.scaling.tables import Table
 
 
 def _pyplot():
+    # Imported on first use: matplotlib is slow to import and only the plotting commands need it.
     import matplotlib
     matplotlib.use("Agg")          # files only; never needs a display
     import matplotlib.pyplot as plt
@@ -35,15 +36,15 @@ def _save(fig, path: str) -> str:
 
 
 def loss_vs_compute(table: Table, fits: Mapping[str, Mapping[str, float]], path: str) -> str:
-    """Loss vs compute per run and family, with each family's fitted law (natural params)."""
+    """Loss vs compute per run and run kind, with each run kind's fitted law (natural params)."""
     plt = _pyplot()
-    fams = table.families() or [""]
-    fig, axes = plt.subplots(1, len(fams), figsize=(5.5 * len(fams), 4.2), squeeze=False)
+    kinds = table.run_kinds() or [""]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), squeeze=False)
     sizes = np.unique(table["N"])
     cmap = plt.get_cmap("viridis")
     color = {n: cmap(i / max(1, len(sizes) - 1)) for i, n in enumerate(sizes)}
-    for ax, fam in zip(axes[0], fams):
-        t = table.filter(family=fam) if fam else table
+    for ax, kind in zip(axes[0], kinds):
+        t = table.filter(run_kind=kind) if kind else table
         rr = t.run_ids()
         for run in sorted(set(rr)):
             rows = np.flatnonzero(rr == run)
@@ -51,7 +52,7 @@ def loss_vs_compute(table: Table, fits: Mapping[str, Mapping[str, float]], path:
             n = t["N"][rows[0]]
             ax.plot(t.compute()[rows], t["loss"][rows], "o", ms=3.0, alpha=0.6, color=color[n],
                     markeredgewidth=0)
-        params = fits.get(fam) if fam else next(iter(fits.values()), None)
+        params = fits.get(kind) if kind else next(iter(fits.values()), None)
         if params:
             law = laws.law_from_params(params)
             for n in np.unique(t["N"]):
@@ -63,7 +64,7 @@ def loss_vs_compute(table: Table, fits: Mapping[str, Mapping[str, float]], path:
         ax.set_yscale("log")
         ax.set_xlabel("compute C = 6 N D (FLOPs, target tokens)")
         ax.set_ylabel("validation loss (nats/token)")
-        ax.set_title(f"{fam or 'runs'}: points = runs, lines = fitted law")
+        ax.set_title(f"{kind or 'runs'}: points = runs, lines = fitted law")
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(np.log10(sizes.min()), np.log10(sizes.max())))
     fig.colorbar(sm, ax=axes[0].tolist(), label="log10 N")
     return _save(fig, path)

@@ -76,9 +76,7 @@ def fit_table(law: PowerLaw, table: Table, *, frozen_params: Mapping[str, float]
 def _log_values(law: PowerLaw, params: Mapping[str, float], names: Sequence[str]) -> dict[str, float]:
     try:
         return law.from_natural(params, names)
-    except KeyError as e:
-        raise ScalingInputError(f"the fit to freeze from: {e.args[0]}") from None
-    except ValueError as e:
+    except ScalingInputError as e:  # say which input: the fit whose parameters are frozen
         raise ScalingInputError(f"the fit to freeze from: {e}") from None
 
 

@@ -5,7 +5,7 @@ Sections (each present when the table supports it):
   cpt_fit           CPT law, two-stage from the scratch fit (+ bootstrap carrying the scratch
                     fit's replicates); cpt_fit_unfrozen with all six parameters free
   allocation        N_opt, D_opt, L_opt at the budgets, both laws (+ intervals)
-  frontier          lowest loss at each compute, fitted L = A' C^-g, per family
+  frontier          lowest loss at each compute, fitted L = A' C^-g, per run kind
   compare           Table 3 fit errors and leave-largest-sizes-out errors
   savings           per CPT run, along training (summary + final points)
   plans             the planner at each budget
@@ -26,27 +26,22 @@ from t5x_cpt.scaling.tables import ScalingInputError, read_table
 log = logging.getLogger(__name__)
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ScalingInputError(f"--flops: expected comma-separated numbers, got {text!r}") from None
+def build(args, budgets: list[float]) -> dict:
+    """Run every applicable analysis (module docstring) for the CLI's `report` command.
 
-
-def build(args) -> dict:
-    """Run every applicable analysis (module docstring) for the CLI's `report` command."""
+    `budgets` are the compute budgets (FLOPs) for allocation and plans, parsed from --flops.
+    """
     table = read_table(args.runs)
     if args.language:
         table = table.filter(language=args.language)
-    table.require(["family"], "report")
-    budgets = _floats(args.flops)
-    fams = table.families()
-    out: dict = {"table": os.path.abspath(args.runs), "rows": len(table), "families": fams,
+    table.require(["run_kind"], "report")
+    kinds = table.run_kinds()
+    out: dict = {"table": os.path.abspath(args.runs), "rows": len(table), "run_kinds": kinds,
                  "budgets": budgets}
     figs: list[str] = []
     scratch = cpt = None
-    if "scratch" in fams:
-        t = table.filter(family="scratch")
+    if "scratch" in kinds:
+        t = table.filter(run_kind="scratch")
         log.info("fitting the Chinchilla law to %d scratch points", len(t))
         scratch = procedures.fit_table(laws.CHINCHILLA, t, grid=args.grid, workers=args.workers)
         if args.bootstrap:
@@ -54,8 +49,8 @@ def build(args) -> dict:
                                         n=args.bootstrap, seed=args.seed, level=args.level,
                                         budgets=budgets)
         out["scratch_fit"] = scratch.to_json()
-    if "cpt" in fams:
-        t = table.filter(family="cpt")
+    if "cpt" in kinds:
+        t = table.filter(run_kind="cpt")
         log.info("fitting the CPT law to %d cpt points", len(t))
         unfrozen = procedures.fit_table(laws.CPT, t, grid=args.grid, workers=args.workers)
         out["cpt_fit_unfrozen"] = unfrozen.to_json()
@@ -78,12 +73,12 @@ def build(args) -> dict:
             except ScalingInputError as e:
                 out["allocation"][name] = {"error": str(e)}
     out["frontier"] = {}
-    for fam in fams:
+    for kind in kinds:
         try:
-            out["frontier"][fam] = allocation.fit_frontier(table.filter(family=fam),
+            out["frontier"][kind] = allocation.fit_frontier(table.filter(run_kind=kind),
                                                            workers=args.workers).to_json()
         except ScalingInputError as e:
-            out["frontier"][fam] = {"error": str(e)}
+            out["frontier"][kind] = {"error": str(e)}
     try:
         out["compare"] = comparison.compare(table, holdout=args.holdout, grid=args.grid,
                                             workers=args.workers)
@@ -117,7 +112,7 @@ def build(args) -> dict:
             if fit is not None:
                 try:
                     figs.append(plots.isoloss(fit.params, os.path.join(d, f"scaling_isoloss_{name}.png"),
-                                              table=table.filter(family=name), title=f"{name} law"))
+                                              table=table.filter(run_kind=name), title=f"{name} law"))
                 except ScalingInputError as e:
                     log.warning("no IsoLoss plot for %s: %s", name, e)
         if sav is not None:

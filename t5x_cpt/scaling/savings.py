@@ -51,8 +51,8 @@ def _run_compute(table: Table, how: str) -> np.ndarray:
             raise ScalingInputError(f"{table.source}: --compute=flops but some rows have no flops")
         r = table["replay_ratio"] if table.has("replay_ratio") else np.zeros(len(table))
         r = np.where(np.isfinite(r), r, 0.0)
-        fam = table["family"]
-        return np.where(fam == "cpt", fl * (1.0 - r), fl)
+        kind = table["run_kind"]
+        return np.where(kind == "cpt", fl * (1.0 - r), fl)
     raise ScalingInputError(f"unknown compute convention {how!r}; use 6nd or flops")
 
 
@@ -67,22 +67,22 @@ def invert_scratch_law(params: Mapping[str, float], N: float, target: float) -> 
 def savings(table: Table, *, scratch_params: Mapping[str, float] | None = None,
             compute: str = "6nd") -> dict:
     """Savings of every CPT run against the scratch run of the same size (module docstring)."""
-    table.require(["family"], "savings (it pairs cpt runs with scratch runs)")
-    fam = table["family"]
-    if not np.any(fam == "cpt") or not np.any(fam == "scratch"):
+    table.require(["run_kind"], "savings (it pairs cpt runs with scratch runs)")
+    kind = table["run_kind"]
+    if not np.any(kind == "cpt") or not np.any(kind == "scratch"):
         raise ScalingInputError(f"{table.source}: savings needs both scratch and cpt rows; "
-                                f"families present: {sorted(set(fam))}")
+                                f"run kinds present: {sorted(set(kind))}")
     comp = _run_compute(table, compute)
     runs = table.run_ids()
     scratch_runs = {}
-    for run in sorted(set(runs[fam == "scratch"])):
-        rows = np.flatnonzero((runs == run) & (fam == "scratch"))
+    for run in sorted(set(runs[kind == "scratch"])):
+        rows = np.flatnonzero((runs == run) & (kind == "scratch"))
         scratch_runs[run] = (float(table["N"][rows[0]]), rows)
     out_runs = []
-    cpt_runs = set(runs[fam == "cpt"])
-    size_of = {r: float(table["N"][np.flatnonzero((runs == r) & (fam == "cpt"))[0]]) for r in cpt_runs}
+    cpt_runs = set(runs[kind == "cpt"])
+    size_of = {r: float(table["N"][np.flatnonzero((runs == r) & (kind == "cpt"))[0]]) for r in cpt_runs}
     for run in sorted(cpt_runs, key=lambda r: (size_of[r], r)):       # by size, then name
-        rows = np.flatnonzero((runs == run) & (fam == "cpt"))
+        rows = np.flatnonzero((runs == run) & (kind == "cpt"))
         n = float(table["N"][rows[0]])
         same = [(r, rs) for r, (ns, rs) in scratch_runs.items() if abs(ns - n) <= SIZE_RTOL * n]
         entry = {"run": str(run), "N": n,

@@ -6,7 +6,7 @@ multiplicative (log-normal, `noise` = std of log loss), optionally with a per-ru
 (`run_noise`: correlated errors along a run, which is why the bootstrap resamples runs), and a
 fraction `outliers` of points is inflated by `outlier_scale` (what the Huber loss is for).
 
-The generating parameters are *chosen*, not the paper's rounded fits (PAPER.md warns those are a
+The generating parameters are *chosen*, not the paper's rounded fits (docs/scaling.md: those are a
 shape, not ground truth; with its published scratch law the compute-optimal plan sits at ~1,500
 tokens per parameter, where any CPT law with beta' < beta is worse than scratch). `TRUE_SCRATCH`
 is Hoffmann et al.'s (2022) own approach-3 fit; `TRUE_CPT` keeps its E, A, alpha and takes the
@@ -33,12 +33,12 @@ TRUE_CPT = {"E": 1.69, "A": 406.4, "B": 292.5, "alpha": 0.34, "beta": 0.20, "gam
 TRUE_FORGETTING = {"F": 32.5, "phi": 0.20, "psi": 0.60, "K": 1000.0}
 
 
-def study(params: Mapping[str, float], *, family: str, sizes_m: Sequence[float] = LADDER_M,
+def study(params: Mapping[str, float], *, run_kind: str, sizes_m: Sequence[float] = LADDER_M,
           points: int = 20, start_fraction: float = 0.05, tokens_per_param: float = 20.0,
           noise: float = 0.005, run_noise: float = 0.0, outliers: float = 0.0,
           outlier_scale: float = 1.10, seed: int = 0, language: str = "zh",
           replay_ratio: float = 0.0) -> Table:
-    """Rows of one family of runs generated from a chinchilla or cpt law (module docstring)."""
+    """Rows of runs of one kind generated from a chinchilla or cpt law (module docstring)."""
     rng = np.random.default_rng(seed)
     law = laws.law_from_params(params)
     rows = []
@@ -50,12 +50,12 @@ def study(params: Mapping[str, float], *, family: str, sizes_m: Sequence[float] 
         loss = clean * np.exp(offset + rng.normal(0.0, noise, size=d.size))
         bad = rng.random(d.size) < outliers
         loss[bad] *= outlier_scale
-        run = f"{family}-{int(m)}m" + (f"-r{replay_ratio:g}" if replay_ratio else "")
+        run = f"{run_kind}-{int(m)}m" + (f"-r{replay_ratio:g}" if replay_ratio else "")
         for di, li in zip(d, loss):
-            rows.append({"N": n, "D": float(di), "loss": float(li), "family": family, "run": run,
+            rows.append({"N": n, "D": float(di), "loss": float(li), "run_kind": run_kind, "run": run,
                          "language": language, "replay_ratio": replay_ratio,
                          "flops": float(laws.scaling_compute(n, di / (1 - replay_ratio)))})
-    return from_rows(rows, source=f"synthetic-{family}")
+    return from_rows(rows, source=f"synthetic-{run_kind}")
 
 
 def concat(*tables: Table) -> Table:
@@ -88,7 +88,7 @@ def forgetting_study(params: Mapping[str, float] = TRUE_FORGETTING, *, n: float 
         clean = loss0 + params["F"] * c ** params["phi"] / ((1 + params["K"] * r) * n) ** params["psi"]
         loss = clean * np.exp(rng.normal(0, noise, d.size))
         for di, li in zip(d, loss):
-            rows.append({"N": n, "D": float(di), "loss": float(li), "family": "cpt",
+            rows.append({"N": n, "D": float(di), "loss": float(li), "run_kind": "cpt",
                          "run": f"cpt-replay{r:g}", "language": "zh", "replay_ratio": r,
                          "loss0": loss0})
     return from_rows(rows, source="synthetic-forgetting")

@@ -6,13 +6,15 @@ A table has one row per (run, evaluation point) and at least the columns
     D      target-language training tokens seen at that point (CPT: target tokens only)
     loss   the evaluated loss, mean nats/token
 
-and optionally `family` (scratch | cpt | source), `run` (a run's name: the unit of bootstrap
-resampling), `language` (the run's target language), `replay_ratio` (fraction of source-language
-tokens), `flops` (training FLOPs logged by the trainer, all languages), `loss0` (the run's loss
-on this loss key at step 0), `loss_key`, `step`, `tokens`. Other columns are kept and ignored.
+and optionally `run_kind` (scratch | cpt | source: how the run started, and on what), `run` (a
+run's name: the unit of bootstrap resampling), `language` (the run's target language),
+`replay_ratio` (fraction of source-language tokens), `flops` (training FLOPs logged by the
+trainer, all languages), `loss0` (the run's loss on this loss key at step 0), `loss_key`, `step`,
+`tokens`. Other columns are kept and ignored.
 
 Bad input is refused with one `ScalingInputError` naming the cause (missing columns, NaN or
-non-numeric cells, non-positive N/D/loss), never patched silently.
+non-numeric cells, non-positive N/D/loss, a `family` column: the name `run_kind` had before it
+was renamed), never patched silently.
 """
 
 from __future__ import annotations
@@ -25,16 +27,18 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from t5x_cpt.errors import UserInputError
+from t5x_cpt.flops import scaling_compute
+from t5x_cpt.run_dir import RUN_KINDS
+
 REQUIRED = ("N", "D", "loss")
 NUMERIC = ("N", "D", "loss", "replay_ratio", "flops", "loss0", "step", "tokens")
-TEXT = ("family", "run", "language", "loss_key")
-FAMILIES = ("scratch", "cpt", "source")
 # Column order `write_table` uses for the known columns.
-ORDER = ("N", "D", "loss", "family", "run", "language", "replay_ratio", "flops", "loss0",
+ORDER = ("N", "D", "loss", "run_kind", "run", "language", "replay_ratio", "flops", "loss0",
          "loss_key", "step", "tokens")
 
 
-class ScalingInputError(ValueError):
+class ScalingInputError(UserInputError):
     """Input the scaling tools cannot use; the message names the cause."""
 
 
@@ -59,10 +63,10 @@ class Table:
         mask = np.asarray(mask)
         return Table({k: v[mask] for k, v in self.columns.items()}, self.source)
 
-    def filter(self, family: str | None = None, language: str | None = None) -> "Table":
-        """Rows of one family and/or language; refuses when the column needed is absent."""
+    def filter(self, run_kind: str | None = None, language: str | None = None) -> "Table":
+        """Rows of one run kind and/or language; refuses when the column needed is absent."""
         t = self
-        for column, value in (("family", family), ("language", language)):
+        for column, value in (("run_kind", run_kind), ("language", language)):
             if value is None:
                 continue
             if not t.has(column):
@@ -75,19 +79,18 @@ class Table:
                                         f"(present: {present})")
         return t
 
-    def families(self) -> list[str]:
-        return sorted(set(self["family"])) if self.has("family") else []
+    def run_kinds(self) -> list[str]:
+        return sorted(set(self["run_kind"])) if self.has("run_kind") else []
 
     def run_ids(self) -> np.ndarray:
-        """Run of each row: the `run` column, else family and size (one run per size)."""
+        """Run of each row: the `run` column, else run kind and size (one run per size)."""
         if self.has("run"):
             return self["run"]
-        fam = self["family"] if self.has("family") else np.full(len(self), "")
-        return np.array([f"{f}:{n:.6g}" for f, n in zip(fam, self["N"])])
+        kind = self["run_kind"] if self.has("run_kind") else np.full(len(self), "")
+        return np.array([f"{f}:{n:.6g}" for f, n in zip(kind, self["N"])])
 
     def compute(self) -> np.ndarray:
         """C = 6 N D (the scaling-law convention, target-language tokens only)."""
-        from t5x_cpt.scaling.laws import scaling_compute
         return scaling_compute(self["N"], self["D"])
 
     def require(self, names: Iterable[str], context: str) -> None:
@@ -143,6 +146,9 @@ def read_table(path: str, required: Sequence[str] = REQUIRED) -> Table:
 
 
 def _validate(raw: dict[str, list], source: str) -> Table:
+    if "family" in raw:  # the run_kind column's name in tables written before it was renamed
+        raise ScalingInputError(f"{source}: column 'family' is now called 'run_kind' (same values: "
+                                f"{', '.join(RUN_KINDS)}); rename it in the table's header")
     cols: dict[str, np.ndarray] = {}
     for name, values in raw.items():
         if name in NUMERIC:
@@ -170,10 +176,10 @@ def _validate(raw: dict[str, list], source: str) -> Table:
         if bad.size:
             raise ScalingInputError(f"{source}: {name} must be positive; {bad.size} row(s) are not "
                                     f"(first: row {bad[0] + 1}, {name}={cols[name][bad[0]]:g})")
-    if "family" in cols:
-        odd = sorted(set(cols["family"]) - set(FAMILIES))
+    if "run_kind" in cols:
+        odd = sorted(set(cols["run_kind"]) - set(RUN_KINDS))
         if odd:
-            raise ScalingInputError(f"{source}: unknown family {odd}; expected one of {list(FAMILIES)}")
+            raise ScalingInputError(f"{source}: unknown run_kind {odd}; expected one of {list(RUN_KINDS)}")
     if "replay_ratio" in cols:
         r = cols["replay_ratio"]
         bad = np.flatnonzero(np.isfinite(r) & ((r < 0) | (r >= 1)))
@@ -200,13 +206,3 @@ def _cell(v) -> str:
         return "" if math.isnan(v) else repr(float(v))
     return str(v)
 
-
-def optional_numeric(table: Table, name: str, context: str) -> np.ndarray:
-    """A numeric column that must be present and finite on every row, for `context`."""
-    table.require([name], context)
-    v = table[name]
-    bad = np.flatnonzero(~np.isfinite(v))
-    if bad.size:
-        raise ScalingInputError(f"{table.source}: {context} needs {name!r} on every row; row "
-                                f"{bad[0] + 1} has none")
-    return v

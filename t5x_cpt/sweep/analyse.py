@@ -1,0 +1,255 @@
+"""A sweep's results: the run table, the scaling toolkit's analyses, plots and a markdown report.
+
+Written to ANALYSIS_DIR (default OUTPUT_DIR/analysis/<sweep name>; runs/sweeps/<sweep name>/analysis
+in the working directory when OUTPUT_DIR is a bucket):
+
+    runs.csv             the run table (t5x_cpt.scaling.tables): one row per evaluation point of every
+                         run with metrics — N, D = target-language tokens seen, loss = the run's
+                         target-language eval loss (a source run's: its own language's), run_kind,
+                         run, language, replay_ratio, flops, loss0, step, tokens, plus `variant`
+    source_loss.csv      the same for the source-language eval loss of CPT runs (forgetting)
+    <lang>/fit_runs.csv  the rows the scaling laws are fitted to: scratch runs and CPT runs at the
+                         sweep's base replay ratio (0 if the sweep has it, else its smallest), plain recipe
+    <lang>/scaling.json  `python -m t5x_cpt.scaling report` on fit_runs.csv (fits of both laws,
+                         allocation, frontier, Table-3 comparison, savings, plans, checks) + its PNGs
+    <lang>/forgetting.json, forgetting.png   the law of forgetting on the CPT runs' source loss
+    <lang>/curves.png    every run's target loss against training FLOPs, and the CPT runs' source loss
+    report.md            all of the above in words and tables, with the plots
+
+An analysis the runs cannot support (too few sizes or points for a fit, no scratch run to compare
+with) is reported in report.md with the toolkit's reason, not skipped silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+from t5x_cpt import run_dir
+from t5x_cpt.errors import UserInputError, one_line
+from t5x_cpt.sweep.configure import ConfiguredRun
+from t5x_cpt.sweep.spec import SweepSpec
+
+log = logging.getLogger("t5x_cpt.sweep")
+
+
+def default_analysis_dir(spec: SweepSpec) -> str:
+    """OUTPUT_DIR/analysis/NAME (sweeps sharing an output directory keep their reports apart);
+    runs/sweeps/NAME/analysis here when OUTPUT_DIR is a bucket."""
+    if "://" in spec.output_dir:
+        return os.path.abspath(os.path.join("runs", "sweeps", spec.name, "analysis"))
+    return os.path.join(os.path.abspath(spec.output_dir), "analysis", spec.name)
+
+
+def _rows(run: ConfiguredRun, task: str) -> list[dict]:
+    from t5x_cpt.scaling import collect
+
+    rows = collect.collect_dir(run.model_dir, loss_key=f"eval/{task}/loss")
+    for row in rows:
+        row["variant"] = run.run.variant or ""
+    return rows
+
+
+def _has_metrics(run: ConfiguredRun) -> bool:
+    return bool(run_dir.read_metrics(run.model_dir))
+
+
+def base_replay_ratio(spec: SweepSpec) -> float | None:
+    """The replay ratio of the CPT runs the laws are fitted to: 0 if present, else the smallest constant one."""
+    constant = sorted(r.ratio for r in spec.replay if not r.points)
+    return constant[0] if constant else None
+
+
+class AnalysisBug(Exception):
+    """The scaling toolkit crashed (not bad input): recorded in the report, and the sweep exits 1."""
+
+
+def _scaling_cli(argv: Sequence[str]) -> None:
+    """One `python -m t5x_cpt.scaling` command in-process; its JSON goes to --out, not to our stdout.
+
+    Bad input (too few points, ...) raises UserInputError; anything else is logged with its traceback
+    and raised as AnalysisBug, so the other analyses and the report are still written.
+    """
+    from t5x_cpt.scaling import cli
+
+    args = cli.parser().parse_args(list(argv))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            cli.run(args)
+    except UserInputError:
+        raise
+    except Exception as e:  # noqa: BLE001  reported below, and the sweep's exit code says so
+        log.exception("python -m t5x_cpt.scaling %s failed", " ".join(argv))
+        raise AnalysisBug(f"the scaling toolkit failed with {type(e).__name__}: {e} (a bug; the traceback is in "
+                          "the sweep's log)") from e
+
+
+def analyse(spec: SweepSpec, runs: Sequence[ConfiguredRun], analysis_dir: str, command: str) -> tuple[str, bool]:
+    """Writes the tables, analyses, plots and report.md (module docstring).
+
+    Returns report.md's path and whether every analysis ran without a bug (AnalysisBug).
+    """
+    from t5x_cpt.scaling import tables
+
+    os.makedirs(analysis_dir, exist_ok=True)
+    with_metrics = [r for r in runs if _has_metrics(r)]
+    target_rows, source_rows, notes = [], [], []
+    for run in with_metrics:
+        own_task = run.run.target_task or spec.source_task
+        try:
+            target_rows += _rows(run, own_task)
+            if run.run.is_cpt:
+                source_rows += _rows(run, spec.source_task)
+        except UserInputError as e:  # e.g. a run killed before its first evaluation
+            notes.append(f"{run.name}: left out of the tables ({one_line(e)})")
+    sections: dict[str, dict] = {}
+    if target_rows:
+        tables.write_table(os.path.join(analysis_dir, "runs.csv"), tables.from_rows(target_rows, "runs"))
+    if source_rows:
+        tables.write_table(os.path.join(analysis_dir, "source_loss.csv"), tables.from_rows(source_rows, "source_loss"))
+    base = base_replay_ratio(spec)
+    for language, task in spec.targets.items():
+        directory = os.path.join(analysis_dir, language)
+        os.makedirs(directory, exist_ok=True)
+        mine = [r for r in target_rows if r["language"] == language and r["run_kind"] in ("scratch", "cpt")]
+        section: dict[str, Any] = {"task": task, "curves": None, "scaling": None, "forgetting": None, "errors": {}}
+        runs_here = [r for r in with_metrics if r.run.language == language and r.run.run_kind != "source"]
+        if runs_here:
+            section["curves"] = _plot_curves(runs_here, task, spec.source_task, os.path.join(directory, "curves.png"))
+        fit_rows = [r for r in mine if r["run_kind"] == "scratch"
+                    or (not r["variant"] and base is not None and r["replay_ratio"] == base)]
+        if "scaling" in spec.analyses:
+            section["scaling"] = _run_scaling(fit_rows, directory, spec, section["errors"])
+        forget_rows = [r for r in source_rows if r["language"] == language and not r["variant"]]
+        if "forgetting" in spec.analyses and "cpt" in spec.run_kinds:
+            section["forgetting"] = _run_forgetting(forget_rows, directory, section["errors"])
+        sections[language] = section
+    from t5x_cpt.sweep import report
+
+    path = os.path.join(analysis_dir, "report.md")
+    with open(path, "w") as f:
+        f.write(report.markdown(spec, runs, sections, notes, base, command, analysis_dir))
+    return path, not any(section["errors"].get("bug") for section in sections.values())
+
+
+def _run_scaling(rows: list[dict], directory: str, spec: SweepSpec, errors: dict) -> dict | None:
+    from t5x_cpt.scaling import tables
+
+    if not rows:
+        errors["scaling"] = "no evaluated scratch or CPT runs yet"
+        return None
+    csv_path = os.path.join(directory, "fit_runs.csv")
+    tables.write_table(csv_path, tables.from_rows(rows, csv_path))
+    out = os.path.join(directory, "scaling.json")
+    argv = ["report", f"--runs={csv_path}", f"--out={out}", f"--plots_dir={directory}", f"--grid={spec.fit_grid}",
+            f"--bootstrap={spec.bootstrap}", "--flops=" + ",".join(f"{c:g}" for c in spec.analysis_flops)]
+    try:
+        _scaling_cli(argv)
+    except UserInputError as e:
+        errors["scaling"] = one_line(e)
+        return None
+    except AnalysisBug as e:
+        errors["scaling"] = str(e)
+        errors["bug"] = True
+        return None
+    with open(out) as f:
+        return json.load(f)
+
+
+def _run_forgetting(rows: list[dict], directory: str, errors: dict) -> dict | None:
+    from t5x_cpt.scaling import plots, tables
+
+    if not rows:
+        errors["forgetting"] = "no evaluated CPT runs yet"
+        return None
+    csv_path = os.path.join(directory, "forgetting_runs.csv")
+    table = tables.from_rows(rows, csv_path)
+    tables.write_table(csv_path, table)
+    out = os.path.join(directory, "forgetting.json")
+    try:
+        _scaling_cli(["fit", f"--runs={csv_path}", "--law=forgetting", f"--out={out}"])
+    except UserInputError as e:
+        errors["forgetting"] = one_line(e)
+        fit = None
+    except AnalysisBug as e:
+        errors["forgetting"] = str(e)
+        errors["bug"] = True
+        fit = None
+    else:
+        with open(out) as f:
+            fit = json.load(f)
+    plots.forgetting_curves(tables.read_table(csv_path), fit, os.path.join(directory, "forgetting.png"))
+    return fit
+
+
+def eval_curve(model_dir: str, key: str) -> list[tuple[float, float]]:
+    """(training FLOPs, eval loss) of one run at each evaluation, step 0 included."""
+    return [(float(r["flops"]), float(r[key])) for r in run_dir.read_metrics(model_dir)
+            if r.get(key) is not None and "flops" in r]
+
+
+def _plot_curves(runs: Sequence[ConfiguredRun], task: str, source_task: str | None, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cpt_runs = [r for r in runs if r.run.is_cpt]
+    columns = 2 if cpt_runs and source_task else 1
+    fig, axes = plt.subplots(1, columns, figsize=(6.5 * columns, 4.6), squeeze=False)
+    sizes = sorted({r.params for r in runs})
+    # Colour by size when there are several, else one colour per run.
+    by_size, cycle = plt.get_cmap("viridis"), plt.get_cmap("tab10")
+    for index, run in enumerate(runs):
+        colour = (by_size(sizes.index(run.params) / (len(sizes) - 1) * 0.9) if len(sizes) > 1
+                  else cycle(index % 10))
+        style = "--" if run.run.run_kind == "scratch" else "-"
+        label = run.name
+        curve = [(f, loss) for f, loss in eval_curve(run.model_dir, f"eval/{task}/loss") if f > 0]
+        if curve:
+            axes[0][0].plot([f for f, _ in curve], [loss for _, loss in curve], style, color=colour, marker=".",
+                            label=label, alpha=0.85)
+        if run.run.is_cpt and columns == 2:
+            source = eval_curve(run.model_dir, f"eval/{source_task}/loss")
+            ratio = run.run.replay.ratio if run.run.replay else 0.0
+            target_flops = [f * (1.0 - ratio) for f, _ in source]
+            axes[0][1].plot(target_flops, [loss for _, loss in source], "-", color=colour, marker=".", label=label,
+                            alpha=0.85)
+    axes[0][0].set_xscale("log")
+    axes[0][0].set_xlabel("training FLOPs")
+    axes[0][0].set_ylabel(f"{task} validation loss (nats/token)")
+    axes[0][0].set_title("target language: scratch dashed, CPT solid")
+    axes[0][0].legend(fontsize=6)
+    if columns == 2:
+        axes[0][1].set_xlabel("target-language FLOPs (training FLOPs x (1 - replay ratio))")
+        axes[0][1].set_ylabel(f"{source_task} validation loss (nats/token)")
+        axes[0][1].set_title("source language during CPT (forgetting)")
+        axes[0][1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def final_loss(model_dir: str, key: str) -> float | None:
+    """The last evaluated value of `key` in a run's metrics (None before its first evaluation)."""
+    values = [r[key] for r in run_dir.read_metrics(model_dir) if r.get(key) is not None]
+    return float(values[-1]) if values and math.isfinite(float(values[-1])) else None
+
+
+def loss_table(runs: Sequence[ConfiguredRun], source_task: str | None) -> list[Mapping[str, Any]]:
+    """Per run: final target-language loss and, for CPT, the source loss at start and end."""
+    out = []
+    for run in runs:
+        task = run.run.target_task or source_task
+        entry: dict[str, Any] = {"run": run, "final": final_loss(run.model_dir, f"eval/{task}/loss")}
+        if run.run.is_cpt and source_task:
+            curve = [loss for _, loss in eval_curve(run.model_dir, f"eval/{source_task}/loss")]
+            entry["source_start"], entry["source_end"] = (curve[0], curve[-1]) if curve else (None, None)
+        out.append(entry)
+    return out
