@@ -25,12 +25,13 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 from typing import Any, Sequence
 
-from t5x_cpt.errors import UserInputError, run_command
+from t5x_cpt.errors import USAGE_EXIT_CODE, UserInputError, run_command
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def _detected_cluster() -> str | None:
 
 
 _initialized = False
+_heartbeat_timeout = DEFAULT_HEARTBEAT_TIMEOUT_S
 
 
 def initialize(flags: DistributedFlags = DistributedFlags()) -> None:
@@ -123,7 +125,7 @@ def initialize(flags: DistributedFlags = DistributedFlags()) -> None:
 
     On CPU the collectives go through gloo, so a multi-process run works on plain machines too.
     """
-    global _initialized
+    global _initialized, _heartbeat_timeout
     if _initialized:
         return
     _validate(flags)
@@ -136,22 +138,39 @@ def initialize(flags: DistributedFlags = DistributedFlags()) -> None:
     if flags.explicit and flags.process_count == 1:
         _initialized = True
         return
+    _heartbeat_timeout = flags.heartbeat_timeout
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    log.info("joining the run: %s", f"process {flags.process_index}/{flags.process_count} via "
-             f"{flags.coordinator_address}" if flags.explicit else f"detected {cluster}")
+    where = flags.coordinator_address or cluster
+    log.info("joining the run: %s", f"process {flags.process_index}/{flags.process_count} via {where}"
+             if flags.explicit else f"detected {cluster}")
+    # JAX's client aborts the process (SIGABRT, a C++ stack) when the others do not arrive in time;
+    # a watchdog says why first, in one line, and exits with the usage code instead.
+    watchdog = threading.Timer(max(flags.initialization_timeout - 0.5, 0.5), _give_up, args=(
+        f"could not join the run through the coordinator at {where} within {flags.initialization_timeout} s"
+        + (f" (this is process {flags.process_index} of {flags.process_count})" if flags.explicit else "")
+        + ". Check that every process was started with the same --coordinator_address and --process_count, that "
+        "process 0 is running, and that the port is reachable",))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(
             coordinator_address=flags.coordinator_address, num_processes=flags.process_count,
             process_id=flags.process_index, initialization_timeout=flags.initialization_timeout,
             heartbeat_timeout_seconds=flags.heartbeat_timeout)
     except Exception as e:  # the runtime raises a bare XlaRuntimeError/ValueError with gRPC text
-        where = flags.coordinator_address or cluster
         raise DistributedError(
-            f"could not join the run through the coordinator at {where} within "
-            f"{flags.initialization_timeout} s ({type(e).__name__}: {str(e).splitlines()[0][:300]}). Check "
-            "that every process was started with the same --coordinator_address and --process_count, that "
-            "process 0 is running, and that the port is reachable") from e
+            f"could not join the run through the coordinator at {where} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}). Check that every process was started with the same "
+            "--coordinator_address and --process_count, that process 0 is running, and that the port is "
+            "reachable") from e
+    finally:
+        watchdog.cancel()
     _initialized = True
+
+
+def _give_up(message: str) -> None:
+    print(f"t5x_cpt: error: {message}", file=sys.stderr, flush=True)
+    os._exit(USAGE_EXIT_CODE)  # pylint: disable=protected-access
 
 
 def process_summary() -> str:
@@ -251,6 +270,34 @@ def has_peers() -> bool:
     import jax
 
     return _initialized and jax.process_count() > 1
+
+
+# What a collective reports when the process at the other end is gone (gloo, gRPC).
+_PEER_FAILURE = re.compile(r"gloo|connection reset|connection refused|broken pipe|unavailable|deadline exceeded|"
+                           r"socket closed|heartbeat", re.IGNORECASE)
+
+
+def lost_peers(error: BaseException) -> list[int] | None:
+    """The processes that stopped responding, when `error` looks like a failed collective.
+
+    Asks the coordination service which processes are alive; it answers once the dead ones have
+    missed their heartbeats (at most the heartbeat timeout). None when the error is this
+    process's own, or when no answer comes in time.
+    """
+    if not has_peers() or not _PEER_FAILURE.search(f"{type(error).__name__} {error}"):
+        return None
+    import jax
+    from jax._src import distributed as jax_distributed  # the client has no public accessor
+
+    everyone = list(range(jax.process_count()))
+    answer: list = []
+    probe = threading.Thread(target=lambda: answer.append(jax_distributed.global_state.client.get_live_nodes(everyone)),
+                             daemon=True)
+    probe.start()
+    probe.join(_heartbeat_timeout + 10)
+    if not answer:
+        return None
+    return [i for i in everyone if i not in answer[0]]
 
 
 def exit_now(code: int) -> None:

@@ -26,7 +26,7 @@ from t5x_cpt.data.logical_shards import LogicalShards
 from t5x_cpt.errors import UserInputError
 from t5x_cpt.model import Decoder, ModelConfig
 from t5x_cpt.optim import learning_rate_schedule, make_optimizer
-from t5x_cpt.run_dir import RUN_KINDS, RunDir
+from t5x_cpt.run_dir import RUN_KINDS, RunDir, as_path
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +162,21 @@ def _check_same_data_everywhere(task_names: Sequence[str]) -> None:
                             f"{sorted(set(everyone))}): prepare the same corpora and vocabulary on every host")
 
 
-def _architecture_check(config: ModelConfig, directory: str, what: str) -> None:
-    stored = checkpoints.read_model_config(directory)
-    if stored is not None:
-        differences = config.architecture_differences(stored)
-        if differences:
-            raise TrainingError(f"{what} {directory} {'belongs to a different model' if what == 'MODEL_DIR' else 'has a different architecture'}: "
-                                + "; ".join(differences)
-                                + (". Use a new MODEL_DIR or the matching model gin file." if what == "MODEL_DIR" else ""))
+def _check_model_dir_holds_this_model(config: ModelConfig, model_dir: str) -> None:
+    stored = checkpoints.read_model_config(model_dir)
+    differences = config.architecture_differences(stored) if stored is not None else []
+    if differences:
+        raise TrainingError(f"MODEL_DIR {model_dir} belongs to a different model: {'; '.join(differences)}. "
+                            "Use a new MODEL_DIR or the matching model gin file.")
+
+
+def _check_source(config: ModelConfig, source: str) -> None:
+    if not checkpoints.path_exists(source):
+        raise TrainingError(f"source checkpoint {source} does not exist")
+    stored = checkpoints.read_model_config(source)
+    differences = config.architecture_differences(stored) if stored is not None else []
+    if differences:
+        raise TrainingError(f"source checkpoint {source} has a different architecture: {'; '.join(differences)}")
 
 
 def _check_memory(config: ModelConfig, settings: TrainSettings, mesh) -> None:
@@ -196,23 +203,21 @@ def prepare_run(settings: TrainSettings) -> PreparedRun:
     batch_sharding = partitioning.batch_sharding(mesh, rules)
     global_shape = (settings.batch_size, settings.sequence_length)
     partitioning.check_global_batch(settings.batch_size, mesh, rules, jax.process_count())
+    if settings.eval_tasks and settings.eval_batch_size:
+        partitioning.check_global_batch(settings.eval_batch_size, mesh, rules, jax.process_count())
     data_shard = partitioning.batch_shard_of_process(batch_sharding, global_shape)
     _check_memory(config, settings, mesh)
 
     run_dir = RunDir(settings.model_dir)
     primary_decides(run_dir.prepare)
     _check_shared_storage(run_dir)
-    primary_decides(lambda: _architecture_check(config, str(run_dir), "MODEL_DIR"))
+    primary_decides(lambda: _check_model_dir_holds_this_model(config, str(run_dir)))
     manager = checkpoints.TrainCheckpointManager(run_dir.checkpoints, keep=settings.keep_checkpoints,
                                                  async_save=settings.async_checkpoints)
     steps = manager.all_steps()  # process 0's listing, broadcast
     source = settings.source_checkpoint
     if source and not steps:  # checked before the (slow) data pipeline is built
-        def check_source():
-            if not checkpoints.path_exists(source):
-                raise TrainingError(f"source checkpoint {source} does not exist")
-            _architecture_check(config, source, "source checkpoint")
-        primary_decides(check_source)
+        primary_decides(lambda: _check_source(config, source))
 
     vocab_size = vocabularies.vocab_size()
     if vocab_size > config.vocab_size:
@@ -325,7 +330,7 @@ def _write_run_files(run: PreparedRun) -> None:
         run.run_dir.write_run_info({
             "run": run.run_dir.root.name, "run_kind": settings.run_kind, "language": settings.language,
             "replay_ratio": settings.replay_ratio, "init_mode": run.init_mode,
-            "source_checkpoint": os.fspath(checkpoints.as_path(settings.source_checkpoint))
+            "source_checkpoint": os.fspath(as_path(settings.source_checkpoint))
             if settings.source_checkpoint else None,
             "params": counts["params"], "non_embedding_params": counts["non_embedding_params"],
             "train_flops_per_token": run.flops_per_token, "sequence_length": settings.sequence_length,

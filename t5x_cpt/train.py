@@ -122,10 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = USAGE_EXIT_CODE
     except SystemExit:
         raise
-    except BaseException:  # a bug: the traceback is the report; with peers, leave without the barrier
+    except BaseException as e:  # a bug: the traceback is the report; with peers, leave without the barrier
         if not distributed.has_peers():
             raise
         traceback.print_exc()
+        lost = distributed.lost_peers(e)
+        if lost:
+            print(f"t5x_cpt.train: error: lost peer process(es) {lost}: they stopped responding, so this process "
+                  "stops too; their logs say why", file=sys.stderr, flush=True)
         code = 1
     if distributed.has_peers():
         distributed.exit_now(code)

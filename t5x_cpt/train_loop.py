@@ -145,12 +145,13 @@ class TrainLoop:
                 preempted = preemption.reached(step) and not is_last
                 is_log = step % settings.log_period == 0 or is_last
                 is_save = step % settings.checkpoint_period == 0 or is_last or preempted
+                is_eval = step % settings.eval_period == 0 or is_last
                 record = {}
-                if is_log or is_save:
+                if is_log or is_save or is_eval:  # every record's tokens and FLOPs are current
                     record = self.read_accumulators(step)
                     if record and is_log and distributed.is_primary():
                         self.progress.show(step, record["train/loss"], record["tokens_per_second"], record["mfu"])
-                if step % settings.eval_period == 0 or is_last:
+                if is_eval:
                     record = {**(record or self.counters_record(step)), **self.evaluate()}
                     self.metrics.write(record)
                     self.metrics.flush()

@@ -7,6 +7,7 @@ import pytest
 import t5x_cpt.data  # noqa: F401  (registers the data configurables: vocabularies, tasks)
 import t5x_cpt.data.pipeline  # noqa: F401  (registers make_train_pipeline, ...)
 import t5x_cpt.train  # noqa: F401  (registers train, as the trainer's entry point does before parsing)
+import t5x_cpt.sweep  # noqa: F401  (registers Sweep, which configs/sweeps/*.gin bind)
 from t5x_cpt import flops, gin_cli
 from t5x_cpt import model as M
 from t5x_cpt import partitioning  # noqa: F401  (registers make_mesh, logical_axis_rules)

@@ -4,8 +4,9 @@ Scans .py, .gin, .md and .sh files (docstrings, comments, gin comments, docs, sc
 such as `docs/model.md` or `configs/runs/cpt.gin` that start at one of the repository's top-level
 directories. A token followed by a wildcard (`tests/test_data*.py`, `ladder_{49,66}m.gin`) is a
 pattern and must match at least one file. A user's own files are named `my_...` in examples
-(`configs/experiments/my_cpt.gin`) and are not looked for; the few other paths that are not meant
-to exist are listed in USER_PATH_EXAMPLES.
+(`configs/experiments/my_cpt.gin`) and a metavariable is in capitals (`configs/sweeps/NAME.gin`):
+neither is looked for; the few other paths that are not meant to exist are listed in
+USER_PATH_EXAMPLES.
 """
 import glob
 import os
@@ -21,14 +22,15 @@ PATH = re.compile(r"(?<![\w./~-])((?:%s)/[\w./-]*)([*{<\[(]?)" % "|".join(TOP_LE
 
 # Paths that stand for a user's own (or a deliberately missing) file, not a file of this repository.
 USER_PATH_EXAMPLES = {
-    "configs/models/X.gin",                # README.md: "--gin_file=configs/models/X.gin", X a size
     "configs/models/no_such_size.gin",     # tests/test_model_info.py: a path that must be refused
     "configs/nope.gin",                    # tests/test_launch_scripts.py: likewise
 }
 
 
 def is_user_example(path: str) -> bool:
-    return path in USER_PATH_EXAMPLES or os.path.basename(path).startswith("my_")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    metavariable = stem.isupper() and stem.isalpha() and len(stem) <= 4  # NAME, X; not README
+    return path in USER_PATH_EXAMPLES or stem.startswith("my_") or metavariable
 
 
 def scanned_files():
@@ -63,6 +65,7 @@ def test_the_pattern_finds_paths_and_skips_lookalikes():
                                             (1, "tests/test_data", True)]
     assert not exists("docs/no_such_file.md", False) and exists("tests/test_repo_", True)
     assert is_user_example("configs/experiments/my_cpt_1393m_zh.gin") and not is_user_example("docs/model.md")
+    assert is_user_example("configs/sweeps/NAME.gin") and not is_user_example("docs/README.md")
 
 
 def test_every_repository_path_named_in_sources_and_docs_exists():

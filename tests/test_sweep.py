@@ -194,8 +194,9 @@ def test_killed_sweep_continues_where_it_stopped(reference, tmp_path, sweep_env,
     kept_metrics = {n: kept[n]["metrics.jsonl"] for n in finished}
     resume_step = finished_steps(os.path.join(output_dir, interrupted))[-1]
 
-    rerun = ok(subprocess.run(sweep_cmd(output_dir), cwd=REPO, env=sweep_env, capture_output=True, text=True,
-                              timeout=900))
+    # Without the fits (the reference tests them): this re-run is about continuing.
+    rerun = ok(subprocess.run(sweep_cmd(output_dir, "--gin.Sweep.analyses=[]"), cwd=REPO, env=sweep_env,
+                              capture_output=True, text=True, timeout=900))
     log = rerun.stderr
     for name in finished:  # not retrained: their metrics, checkpoints and config are untouched
         assert file_digests(os.path.join(output_dir, name))["metrics.jsonl"] == kept_metrics[name], name
@@ -315,3 +316,18 @@ def test_ladder_check_refuses_a_binding_that_changes_n(tmp_path, capsys):
                      "Sweep.run_bindings = {'get_vocabulary.name': 'byte', 'ModelConfig.tie_embeddings': False}\n")
     _refused(capsys, [f"--gin_file={sweep}", f"--output_dir={tmp_path / 'out'}", "--dry_run"],
              "ladder_1393m", "lists 1,393,")
+
+
+def test_dry_run_sizes_slices_and_hours_at_the_assumed_mfu(tmp_path, capsys):
+    assert cli.main(["--gin_file=configs/sweeps/paper_replay.gin", f"--output_dir={tmp_path}", "--dry_run",
+                     "--chip=v5p", "--assumed_mfu=0.5"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| ladder_1393m |"))
+    size, n, runs, run_flops, slice_, hours, chip_hours = [c.strip() for c in row.split("|")[1:-1]]
+    chips = int(re.fullmatch(r"v5p-(\d+) \((\d+)\)", slice_).group(2))
+    assert int(re.fullmatch(r"v5p-(\d+) \((\d+)\)", slice_).group(1)) == 2 * chips  # v5p names count TensorCores
+    assert chips & (chips - 1) == 0 and int(runs) == 8
+    expected = float(run_flops) / (chips * 459e12 * 0.5) / 3600
+    assert float(hours) == pytest.approx(expected, rel=0.006, abs=0.051)  # FLOPs printed to 3 digits
+    assert float(chip_hours.replace(",", "")) == pytest.approx(expected * chips, rel=0.01)
+    assert "ASSUMED MFU of 50%" in out

@@ -52,7 +52,12 @@ def plan_point(scratch: Mapping[str, float], cpt: Mapping[str, float], flops: fl
         c_opt = allocation.optimal(cpt, c_target)
         c_opt["flops"] = flops
     c_scr = allocation.compute_for_loss(scratch, c_opt["L_opt"])
-    saved = 1.0 - flops / c_scr if math.isfinite(c_scr) else 1.0
+    if not math.isfinite(c_scr):
+        saved = 1.0  # scratch never reaches CPT's loss
+    elif c_scr <= 0.0:
+        saved = -math.inf  # scratch reaches it at no compute to speak of: CPT saves nothing
+    else:
+        saved = 1.0 - flops / c_scr
     return {
         "scratch": {"N": s_opt["N_opt"], "D": s_opt["D_opt"], "loss": s_opt["L_opt"],
                     "tokens_per_param": s_opt["tokens_per_param"]},

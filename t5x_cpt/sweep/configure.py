@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import gin
 
 from t5x_cpt import flops, gin_cli
+from t5x_cpt.errors import UserInputError, one_line
 from t5x_cpt.sweep.plan import PlannedRun, binding, train_argv
 from t5x_cpt.sweep.spec import SweepError, SweepSpec
 
@@ -39,6 +40,8 @@ NOT_IDENTITY = {
     ("ModelConfig", "dtype"), ("ModelConfig", "param_dtype"), ("ModelConfig", "remat"),
     ("ModelConfig", "scan_layers"), ("ModelConfig", "attention_impl"),
     ("make_train_pipeline", "shard_info"), ("make_train_pipeline", "log_every"), ("make_train_pipeline", "data_dir"),
+    # The trainer passes train's values for these explicitly, so config.gin never records them (train.* is compared).
+    ("make_train_pipeline", "sequence_length"), ("make_train_pipeline", "batch_size"), ("make_train_pipeline", "seed"),
     ("get_vocabulary", "data_dir"), ("make_eval_batches", "*"), ("resolve_data_dir", "*"), ("tfds_data_dir", "*"),
     ("make_mesh", "*"), ("logical_axis_rules", "*"),
 }
@@ -111,7 +114,18 @@ def _default(selector: str, param: str) -> Any:
 
 
 def configure(run: PlannedRun, spec: SweepSpec) -> ConfiguredRun:
-    """The run's final bindings and numbers (module docstring); bad config raises SweepError."""
+    """The run's final bindings and numbers (module docstring); bad config raises SweepError naming the run."""
+    try:
+        return _configure(run, spec)
+    except SweepError:
+        raise
+    except UserInputError as e:  # e.g. a ModelConfig binding no model can be built with
+        raise SweepError(f"run {run.name}: {one_line(e)}") from None
+    finally:
+        gin.clear_config()
+
+
+def _configure(run: PlannedRun, spec: SweepSpec) -> ConfiguredRun:
     from t5x_cpt.model import ModelConfig
 
     probe = [*run.bindings, binding("TRAIN_STEPS", 1)]

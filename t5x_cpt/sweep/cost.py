@@ -112,13 +112,19 @@ def hours(train_flops: float, chips: int, chip: Chip, mfu: float) -> float:
     return train_flops / (chips * chip.peak_flops * mfu) / 3600.0
 
 
-def summary(runs: Sequence[ConfiguredRun], chip: Chip, mfu: float) -> str:
-    """Markdown: totals by run kind, then per size the slice and the hours at the assumed MFU."""
-    total = sum(r.train_flops for r in runs)
+def totals(runs: Sequence[ConfiguredRun]) -> str:
+    """Markdown: runs, tokens and training FLOPs by run kind, and in all."""
     lines = ["| run kind | runs | tokens | training FLOPs |", "| --- | ---: | ---: | ---: |"]
     for kind, (count, tokens, kind_flops) in sorted(by_kind(runs).items()):
         lines.append(f"| {kind} | {count} | {tokens:.3g} | {kind_flops:.3g} |")
-    lines += [f"| all | {len(runs)} | {sum(r.tokens for r in runs):.3g} | {total:.3g} |", "",
+    lines.append(f"| all | {len(runs)} | {sum(r.tokens for r in runs):.3g} | {sum(r.train_flops for r in runs):.3g} |")
+    return "\n".join(lines)
+
+
+def summary(runs: Sequence[ConfiguredRun], chip: Chip, mfu: float) -> str:
+    """Markdown: totals by run kind, then per size the slice and the hours at the assumed MFU."""
+    total = sum(r.train_flops for r in runs)
+    lines = [totals(runs), "",
               f"Per size on {chip.name} (HBM {chip.hbm_bytes / GIB:.0f} GiB, peak {chip.peak_flops / 1e12:.0f} TFLOP/s "
               f"bf16) at an ASSUMED MFU of {100 * mfu:.0f}%: the smallest slice whose memory fits a train step, and "
               "the hours its runs take one after another on it.", "",

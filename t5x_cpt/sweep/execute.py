@@ -160,9 +160,12 @@ def train_in_process(run: ConfiguredRun) -> int:
         return int(e.code) if isinstance(e.code, int) else 1
     finally:
         gin.clear_config()
+        import jax
+
+        jax.clear_caches()  # a long sweep keeps no run's compiled steps in memory
 
 
-def execute(runs: Sequence[ConfiguredRun], states: Sequence[RunState], train_one=train_in_process) -> int:
+def execute(runs: Sequence[ConfiguredRun], states: Sequence[RunState]) -> int:
     """Trains the unfinished runs in order; returns 0, or the exit code of the run that stopped it."""
     progress = Progress(runs, states)
     skipped = [r.name for r, s in zip(runs, states) if s.finished]
@@ -182,12 +185,15 @@ def execute(runs: Sequence[ConfiguredRun], states: Sequence[RunState], train_one
         log.info("sweep: run %d/%d %s (%s, %d steps, %.3g FLOPs) in %s", index, len(runs), run.name, how,
                  run.train_steps, run.train_flops, run.model_dir)
         started = time.time()
-        code = train_one(run)
+        code = train_in_process(run)
         stop.install()
         if code != 0:
             what = "was preempted after saving a checkpoint" if code == PREEMPTED_EXIT_CODE else "failed"
             log.error("sweep: run %s %s (exit %d); re-run the same sweep command to continue", run.name, what, code)
             return code
+        if not run_state(run).finished:
+            raise RuntimeError(f"run {run.name}: the trainer returned 0 but {run.model_dir} has no checkpoint at step "
+                               f"{run.train_steps}")
         progress.mark_finished(run)
         log.info("sweep: run %s done in %s; %s", run.name, format_seconds(time.time() - started), progress.line())
         if stop.requested:

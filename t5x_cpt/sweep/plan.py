@@ -90,7 +90,7 @@ def _literal(value: Any) -> str:
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in value.items()) + "}"
     if isinstance(value, str):  # double quotes: the shell commands then quote them without escapes
-        return json.dumps(value)
+        return json.dumps(value, ensure_ascii=False)
     return repr(value)
 
 
@@ -112,8 +112,9 @@ def expand(spec: SweepSpec) -> list[PlannedRun]:
         model_dir = join(output_dir, name)
         runs.append(PlannedRun(
             name=name, run_kind=kind, language=language, size=size, budget=budget, model_dir=model_dir,
-            files=files, bindings=(binding("MODEL_DIR", model_dir), binding("train.language", language),
-                                   *bindings, *_mapping_bindings(size.bindings), *common),
+            # General to specific, later wins: the sweep's, the size's, the run kind's (and variant's), the run's own.
+            files=files, bindings=(*common, *_mapping_bindings(size.bindings), *bindings,
+                                   binding("MODEL_DIR", model_dir), binding("train.language", language)),
             **extra))
 
     source_dirs: dict[str, tuple[str | None, str]] = {}

@@ -297,8 +297,7 @@ def validate(raw: Sweep, files: tuple[str, ...], default_name: str, output_dir: 
     _name(raw.source_language, "Sweep.source_language")
     _need(raw.source_language not in raw.targets,
           f"Sweep.targets includes the source language {raw.source_language!r}")
-    needs_source_task = "cpt" in run_kinds
-    _need(not needs_source_task or (isinstance(raw.source_task, str) and bool(raw.source_task)),
+    _need("cpt" not in run_kinds or (isinstance(raw.source_task, str) and bool(raw.source_task)),
           "Sweep.source_task is required with CPT runs (the source language's task, replayed and evaluated)")
     _need(isinstance(raw.replay, (list, tuple)) and len(raw.replay) > 0,
           "Sweep.replay is empty: give at least one ratio (0.0 for no replay)")
@@ -325,8 +324,7 @@ def validate(raw: Sweep, files: tuple[str, ...], default_name: str, output_dir: 
           f"Sweep.bootstrap must be a non-negative integer, got {raw.bootstrap!r}")
     _need(all(isinstance(c, (int, float)) and c > 0 for c in raw.analysis_flops) and len(raw.analysis_flops) > 0,
           f"Sweep.analysis_flops must be positive FLOP budgets, got {list(raw.analysis_flops)}")
-    for field in ("run_files",):
-        _need(all(isinstance(f, str) and f for f in getattr(raw, field)), f"Sweep.{field} must be a list of gin files")
+    _need(all(isinstance(f, str) and f for f in raw.run_files), "Sweep.run_files must be a list of gin files")
     chosen_dir = output_dir or raw.output_dir or os.path.join("runs", "sweeps", name)
     return SweepSpec(
         name=name, output_dir=chosen_dir, sizes=sizes, budgets=budgets, run_kinds=run_kinds,
