@@ -44,10 +44,7 @@ model_dir=$(flag model_dir)
   die "--model_dir=$model_dir: the babysitter resumes runs on new VMs, so the run directory must be gs://BUCKET/..."
 check_gin_files repo
 train_module_args "$model_dir"
-run_name=$(flag run_name)
-if [[ -z $run_name ]]; then
-  run_name=$(run_name_of "$model_dir")
-fi
+run_name=$(flag run_name "$(run_name_of "$model_dir")")
 max_restarts=$(flag max_restarts 100)
 max_failures=$(flag max_failures 3)
 poll_s=$(flag poll_s 60)

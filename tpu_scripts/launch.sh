@@ -47,10 +47,7 @@ if [[ $model_dir != gs://* ]]; then
 fi
 check_gin_files repo
 train_module_args "$model_dir"
-run_name=$(flag run_name)
-if [[ -z $run_name ]]; then
-  run_name=$(run_name_of "$model_dir")
-fi
+run_name=$(flag run_name "$(run_name_of "$model_dir")")
 remote_dir=$(flag remote_dir "$REMOTE_DIR_DEFAULT")
 python=.venv/bin/python
 worker_run=(bash tpu_scripts/worker_run.sh --log_dir="$REMOTE_LOG_ROOT/$run_name")
