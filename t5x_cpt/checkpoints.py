@@ -28,7 +28,7 @@ import numpy as np
 
 from t5x_cpt import distributed, param_paths
 from t5x_cpt.errors import UserInputError
-from t5x_cpt.run_dir import as_path
+from t5x_cpt.run_dir import as_path, write_atomically
 
 PARAMS_ITEM = "params"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -158,8 +158,8 @@ def _num_layers(params: Mapping[str, Any]) -> int:
 
 def write_model_config(directory: str, config) -> None:
     """Stores the ModelConfig next to a checkpoint, so tools can rebuild the model without gin."""
-    as_path(os.path.join(directory, MODEL_CONFIG_FILE)).write_text(
-        json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    # Atomic: a kill mid-write must not leave a truncated file that a resume then cannot parse.
+    write_atomically(os.path.join(directory, MODEL_CONFIG_FILE), json.dumps(config.to_dict(), indent=2, sort_keys=True))
 
 
 def read_model_config(directory: str):
