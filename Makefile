@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: test demo install clean-venv
+.PHONY: test demo bench install clean-venv
 
 $(STAMP): setup.py requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m t5x_cpt.data prepare --corpora=lo_help --languages=en,zh,fr
 	$(PY) -m t5x_cpt.demo
+
+# Throughput against transformers + PyTorch on this machine (docs/performance.md); not part of `make test`.
+bench: $(STAMP)
+	$(PY) -m t5x_cpt.data prepare --corpora=lo_help --languages=en
+	$(PY) benchmarks/train_step.py --size=demo
+	$(PY) benchmarks/train_step.py --size=ladder_49m
+	if command -v nvidia-smi >/dev/null 2>&1; then bash benchmarks/gpu_throughput.sh; fi
 
 clean-venv:
 	rm -rf $(VENV)

@@ -22,7 +22,8 @@ is a sum of components, each per device:
                     'activation_batch' maps to), plus the step's input batch;
   attention_scores  the [rows, heads, T, T] tensors of `jax.nn.dot_product_attention`'s XLA
                     implementation (masked logits, exponentials and probabilities in float32,
-                    plus the boolean mask), per layer that keeps them; none for 'cudnn';
+                    plus the boolean mask), per layer that keeps them; about a third of that
+                    for 'chunked' (blocks below the diagonal only); none for 'cudnn' and 'tpu_flash';
   logits            the [rows, T, vocab] float32 logits (or the exponentials the cross-entropy
                     keeps in their place) and their gradient.
 
@@ -54,6 +55,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from t5x_cpt import attention as attention_lib
 from t5x_cpt import partitioning
 from t5x_cpt.errors import UserInputError
 from t5x_cpt.model import ModelConfig, abstract_params
@@ -68,6 +70,9 @@ NORM_FLOAT32_TENSORS_PER_LAYER = 4  # two RMSNorms, each keeps x*rsqrt and the s
 RESIDUAL_ADDS_PER_LAYER = 2
 MLP_HIDDEN_TENSORS_NO_REMAT = 6  # gate, up, three silu intermediates, gate*up
 ATTENTION_SCORE_FLOAT32_TENSORS = 3  # masked logits, exp, probabilities
+# The 'chunked' attention keeps its exponentials (normalised after the value product) and, for
+# part of the blocks, the masked logits: 1.5 fits XLA's buffers within 12% at T = 512 and 2048.
+CHUNKED_SCORE_FLOAT32_TENSORS = 1.5
 GRADIENT_SIZED_BUFFERS = 3  # see "gradients" in the module docstring
 LOGITS_FLOAT32_TENSORS = 2  # the logits (or the exp the cross-entropy keeps in their place) and their gradient
 
@@ -143,11 +148,14 @@ def _param_bytes(config: ModelConfig, mesh_shape: Mapping[str, int], rules: Any)
 
 
 def estimate_train_memory(config: ModelConfig, *, global_batch: int, sequence_length: int, accumulate_steps: int,
-                          mesh_shape: Mapping[str, int], rules: Any = None) -> MemoryEstimate:
+                          mesh_shape: Mapping[str, int], rules: Any = None,
+                          platform: str | None = None) -> MemoryEstimate:
     """Bytes per device of one train step of `config` (see the module docstring for the model).
 
     mesh_shape maps mesh axis names ('data', 'fsdp', 'tensor') to sizes, e.g. `dict(mesh.shape)`;
-    rules are the logical-axis rules (default: the gin-configured `partitioning.logical_axis_rules()`).
+    rules are the logical-axis rules (default: the gin-configured `partitioning.logical_axis_rules()`);
+    platform ('cpu', 'gpu', 'tpu'; default: this process's backend) decides which attention
+    implementation `attention_impl=None` stands for.
     """
     rules = partitioning.logical_axis_rules() if rules is None else rules
     compute = np.dtype(config.resolved_dtype).itemsize
@@ -176,8 +184,13 @@ def estimate_train_memory(config: ModelConfig, *, global_batch: int, sequence_le
     projections = (3 * d + query_width + 2 * kv_width + 2 * mlp) * compute  # input, out, down; q k v; gate up
     layer_input = d * compute
     scores = heads * sequence_length * (ATTENTION_SCORE_FLOAT32_TENSORS * FLOAT32_BYTES + 1)
-    if config.attention_impl == "cudnn":
-        scores = heads * FLOAT32_BYTES  # the fused kernel keeps only the softmax statistics
+    attention_impl = attention_lib.resolve_implementation(config.attention_impl, config.resolved_dtype, platform)
+    if attention_impl in ("cudnn", "tpu_flash"):
+        scores = heads * FLOAT32_BYTES  # the fused kernels keep only the softmax statistics
+    elif attention_impl == "chunked":  # only the blocks at or below the diagonal exist
+        blocks = math.ceil(sequence_length / attention_lib.CHUNKED_QUERY_BLOCK)
+        scores = heads * sequence_length * (CHUNKED_SCORE_FLOAT32_TENSORS * FLOAT32_BYTES + 1) * \
+            (blocks + 1) / (2 * blocks)
 
     layers = config.num_layers
     if config.remat == "none":

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_cpt import attention as attention_lib
 from t5x_cpt.errors import UserInputError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -128,6 +129,9 @@ class ModelConfig:
                     f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
         if self.remat not in _REMAT_POLICIES:
             raise ModelConfigError(f"ModelConfig.remat={self.remat!r}; expected one of {sorted(_REMAT_POLICIES)}")
+        if self.attention_impl is not None and self.attention_impl not in attention_lib.IMPLEMENTATIONS:
+            raise ModelConfigError(f"ModelConfig.attention_impl={self.attention_impl!r}; expected None (the "
+                                   f"platform's fastest) or one of {attention_lib.IMPLEMENTATIONS}")
 
     @property
     def resolved_num_kv_heads(self) -> int:
@@ -143,6 +147,11 @@ class ModelConfig:
     def resolved_d_ff(self) -> int:
         """SwiGLU hidden width: d_ff, or 4 * d_model when None."""
         return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    @property
+    def resolved_attention_impl(self) -> str:
+        """attention_impl, or the fastest implementation of the default backend when None."""
+        return attention_lib.resolve_implementation(self.attention_impl, self.resolved_dtype)
 
     @property
     def resolved_dtype(self):
@@ -218,14 +227,6 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """Boolean [batch, 1, q, k]: causal by index and only within the same packed document."""
-    length = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
-    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same_doc)[:, None]
-
-
 def _init(config: ModelConfig, *axes: str):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev=config.init_std), axes)
 
@@ -259,9 +260,14 @@ class Projection(nn.Module):
     def __call__(self, x):
         cfg = self.config
         kernel = self.param("kernel", _init(cfg, *self.axes), self.in_shape + self.out_shape, cfg.resolved_param_dtype)
-        contract = tuple(range(x.ndim - len(self.in_shape), x.ndim))
-        y = jax.lax.dot_general(x.astype(cfg.resolved_dtype), kernel.astype(cfg.resolved_dtype),
-                                ((contract, tuple(range(len(self.in_shape)))), ((), ())))
+        # One 2-D matmul over all tokens: [batch * length, in] @ [in, out]. With [batch, length]
+        # kept apart, XLA:CPU transposes the weight gradients' operands inside elementwise
+        # fusions (strided writes), which cost more than the matmuls at small widths
+        # (docs/performance.md). Merging leading dims is a free reshape on every backend.
+        lead = x.shape[:x.ndim - len(self.in_shape)]
+        flat_in = x.reshape((math.prod(lead), math.prod(self.in_shape))).astype(cfg.resolved_dtype)
+        flat_kernel = kernel.reshape((math.prod(self.in_shape), math.prod(self.out_shape))).astype(cfg.resolved_dtype)
+        y = jnp.dot(flat_in, flat_kernel).reshape(lead + self.out_shape)
         if self.use_bias:
             bias_axes = self.axes[len(self.in_shape):]
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
@@ -274,7 +280,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, sin, cos, mask):
+    def __call__(self, x, sin, cos, segment_ids):
         cfg = self.config
         d, hd = cfg.d_model, cfg.resolved_head_dim
 
@@ -289,7 +295,7 @@ class Attention(nn.Module):
         value = nn.with_logical_constraint(value, ("activation_batch", "activation_length", "activation_kv_heads", None))
         query, key = apply_rotary(query, sin, cos), apply_rotary(key, sin, cos)
         # Grouped-query attention is native here: K/V heads are shared by num_heads // kv_heads queries.
-        out = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=cfg.attention_impl)
+        out = attention_lib.dot_product_attention(query, key, value, segment_ids, cfg.resolved_attention_impl)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         return Projection(cfg, (cfg.num_heads, hd), (d,), ("heads", "head_dim", "embed"), name="out")(out)
 
@@ -313,8 +319,9 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, sin, cos, mask):
-        x = x + Attention(self.config, name="attention")(RMSNorm(self.config, name="attention_norm")(x), sin, cos, mask)
+    def __call__(self, x, sin, cos, segment_ids):
+        x = x + Attention(self.config, name="attention")(RMSNorm(self.config, name="attention_norm")(x), sin, cos,
+                                                         segment_ids)
         x = x + SwiGLU(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, None
@@ -337,7 +344,6 @@ class Decoder(nn.Module):
         x = embed(tokens)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         sin, cos = rotary_tables(positions, cfg)
-        mask = attention_mask(segment_ids)
 
         layer_cls = DecoderLayer
         if cfg.remat != "none":
@@ -346,10 +352,10 @@ class Decoder(nn.Module):
             stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(cfg, name="layers")(x, sin, cos, mask)
+            x, _ = stack(cfg, name="layers")(x, sin, cos, segment_ids)
         else:
             for i in range(cfg.num_layers):
-                x, _ = layer_cls(cfg, name=f"layers_{i}")(x, sin, cos, mask)
+                x, _ = layer_cls(cfg, name=f"layers_{i}")(x, sin, cos, segment_ids)
 
         x = RMSNorm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:

@@ -179,6 +179,15 @@ def _check_source(config: ModelConfig, source: str) -> None:
         raise TrainingError(f"source checkpoint {source} has a different architecture: {'; '.join(differences)}")
 
 
+def _with_attention_chosen(config: ModelConfig) -> ModelConfig:
+    """The config with its attention implementation fixed for this platform, and the choice logged."""
+    chosen = config.resolved_attention_impl
+    how = "set by ModelConfig.attention_impl" if config.attention_impl else \
+        f"the fastest for {jax.default_backend()} / {config.dtype}; override with ModelConfig.attention_impl"
+    log.info("attention: %s (%s)", chosen, how)
+    return config.replace(attention_impl=chosen)
+
+
 def _check_memory(config: ModelConfig, settings: TrainSettings, mesh) -> None:
     from t5x_cpt import memory
 
@@ -197,7 +206,7 @@ def prepare_run(settings: TrainSettings) -> PreparedRun:
     from t5x_cpt.data.tfutil import seqio
 
     settings.check()
-    config = ModelConfig()
+    config = _with_attention_chosen(ModelConfig())
     mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
     batch_sharding = partitioning.batch_sharding(mesh, rules)

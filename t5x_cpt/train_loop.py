@@ -72,7 +72,11 @@ class TrainLoop:
             jax.device_count()
         self.replicated = partitioning.replicated(run.mesh)
         self.accumulators = self._zero_accumulators()
+        # Training time since the last read of the accumulators; eval and checkpoint time are kept
+        # out of it (and reported as eval_seconds / checkpoint_seconds), so tokens_per_second is
+        # the training rate.
         self.last_flush_time = time.time()
+        self.checkpoint_seconds: float | None = None
 
     def _zero_accumulators(self):
         return jax.device_put(trainer.zero_accumulators(len(self.run.task_names)), self.replicated)
@@ -152,15 +156,22 @@ class TrainLoop:
                     if record and is_log and distributed.is_primary():
                         self.progress.show(step, record["train/loss"], record["tokens_per_second"], record["mfu"])
                 if is_eval:
+                    started = time.time()
                     record = {**(record or self.counters_record(step)), **self.evaluate()}
-                    self.metrics.write(record)
-                    self.metrics.flush()
-                elif record:
-                    self.metrics.write(record)
+                    record["eval_seconds"] = time.time() - started
                 if record:
+                    if self.checkpoint_seconds is not None:  # how long the previous save blocked the loop
+                        record["checkpoint_seconds"], self.checkpoint_seconds = self.checkpoint_seconds, None
+                    self.metrics.write(record)
                     last_record = record
+                if is_eval and not is_save:
+                    self.metrics.flush()
                 if is_save:
+                    started = time.time()
                     self.save(step)
+                    self.checkpoint_seconds = time.time() - started
+                if is_eval or is_save:
+                    self.last_flush_time = time.time()
                 if preempted:
                     log.warning("preempted: checkpoint of step %d saved in %s", step, run.manager.directory)
                     raise SystemExit(PREEMPTED_EXIT_CODE)

@@ -63,15 +63,20 @@ def xla_peak_bytes(config: ModelConfig, *, global_batch: int, sequence_length: i
 
 
 WIDE = {"d_model": 256, "d_ff": 1024}
+XLA_ATTENTION = {"attention_impl": "xla"}
 CASES = {
     # name: (config changes, global batch, sequence length, accumulate steps, mesh (data, fsdp, tensor),
     #        the component that dominates at this size)
-    "scores_one_device": ({}, 8, 512, 1, (1, 1, 1), "attention_scores"),
-    "scores_accumulate_2_fsdp_8": ({}, 16, 512, 2, (1, 8, 1), "attention_scores"),
-    "remat_full_scanned": ({"num_layers": 4, "scan_layers": True, "remat": "full"}, 8, 512, 1, (1, 1, 1),
-                           "attention_scores"),
-    "remat_dots_scanned": ({"num_layers": 4, "scan_layers": True, "remat": "dots"}, 8, 512, 1, (1, 1, 1),
-                           "attention_scores"),
+    # The materialised [T, T] scores of the 'xla' attention (the CPU default 'chunked' keeps less).
+    "scores_one_device": (XLA_ATTENTION, 8, 512, 1, (1, 1, 1), "attention_scores"),
+    "scores_accumulate_2_fsdp_8": (XLA_ATTENTION, 16, 512, 2, (1, 8, 1), "attention_scores"),
+    "remat_full_scanned": ({**XLA_ATTENTION, "num_layers": 4, "scan_layers": True, "remat": "full"}, 8, 512, 1,
+                           (1, 1, 1), "attention_scores"),
+    "remat_dots_scanned": ({**XLA_ATTENTION, "num_layers": 4, "scan_layers": True, "remat": "dots"}, 8, 512, 1,
+                           (1, 1, 1), "attention_scores"),
+    # The blockwise 'chunked' attention: half the blocks, exponentials only; long enough that
+    # its scores outweigh the logits.
+    "chunked_scores": ({"attention_impl": "chunked"}, 2, 2048, 1, (1, 1, 1), "attention_scores"),
     "activations": (WIDE, 64, 64, 1, (1, 1, 1), "activations"),
     "params_one_device": ({**WIDE, "vocab_size": 8192}, 8, 8, 1, (1, 1, 1), "gradients"),
     "params_fsdp_8": ({**WIDE, "vocab_size": 8192}, 8, 8, 1, (1, 8, 1), "gathered_params"),
@@ -121,7 +126,7 @@ def test_accelerator_memory_is_its_allocator_limit():
 
 def test_issue_case_sequence_100000_is_refused_with_the_numbers():
     """The tiny model at SEQUENCE_LENGTH=100000 (BATCH_SIZE 8) must be refused before compiling."""
-    config = tiny_config()
+    config = tiny_config(attention_impl="xla")
     estimate = memory.estimate_train_memory(config, global_batch=8, sequence_length=100_000, accumulate_steps=1,
                                             mesh_shape={"data": 1, "fsdp": 1, "tensor": 1})
     # Without remat the backward pass keeps at least each layer's float32 attention probabilities.

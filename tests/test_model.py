@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from t5x_cpt import attention
 from t5x_cpt import model as M
 
 VOCAB = 64
@@ -112,7 +113,7 @@ def test_segment_mask_isolates_packed_documents():
 
 def test_attention_mask_against_explicit_loops():
     segments = np.array([[1, 1, 2, 2, 2, 0], [3, 3, 3, 3, 3, 3]])
-    mask = np.asarray(M.attention_mask(jnp.asarray(segments)))
+    mask = np.asarray(attention.attention_mask(jnp.asarray(segments)))
     assert mask.shape == (2, 1, 6, 6)
     for b in range(2):
         for q in range(6):

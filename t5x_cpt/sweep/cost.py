@@ -63,7 +63,7 @@ def _min_chips(config, batch_size: int, sequence_length: int, chip: Chip) -> int
     while chips <= min(MAX_CHIPS, batch_size):
         estimate = memory.estimate_train_memory(
             config, global_batch=batch_size, sequence_length=sequence_length,
-            accumulate_steps=1, mesh_shape={"data": 1, "fsdp": chips, "tensor": 1})
+            accumulate_steps=1, mesh_shape={"data": 1, "fsdp": chips, "tensor": 1}, platform="tpu")
         if estimate.total <= MEMORY_HEADROOM * chip.hbm_bytes:
             return chips
         chips *= 2
