@@ -105,8 +105,9 @@ def child_data(size: str, steps: int, batches_path: str) -> dict:
 
 
 def child_peer(batches_path: str) -> dict:
-    """The PyTorch loop, in a process that never loads TensorFlow or JAX: running TF ops in the
-    same process measurably slows PyTorch's CPU kernels on 2 cores (about 10-50%)."""
+    """The PyTorch loop, in a process that runs neither TensorFlow nor JAX (both are imported, neither
+    initialised): a TF op or an initialised JAX CPU backend in the same process slowed PyTorch's
+    CPU kernels by 10-50% on 2 cores."""
     import numpy as np
     import torch
     import transformers
