@@ -14,3 +14,10 @@ run() {
 }
 run --model=ladder_125m --batch=16 --seq=2048 --steps=10 --attention=cudnn --peer
 run --model=ladder_1393m --batch=8 --seq=2048 --remat=full --steps=5 --attention=cudnn --peer
+# The levers docs/performance.md lists as untried: the default attention choice (cuDNN in bf16),
+# saving matmul outputs instead of full remat, larger batches, and XLA's latency-hiding scheduler.
+run --model=ladder_125m --batch=32 --seq=2048 --steps=10
+run --model=ladder_1393m --batch=8 --seq=2048 --remat=dots --steps=5
+run --model=ladder_1393m --batch=16 --seq=2048 --remat=dots --steps=5
+XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true ${XLA_FLAGS:-}" \
+  run --model=ladder_1393m --batch=8 --seq=2048 --remat=dots --steps=5
