@@ -73,11 +73,12 @@ def child_ours(size: str, model_dir: str, steps: int) -> dict:
     code = train.main(_gin_args(size, model_dir, steps))
     if code:
         raise SystemExit(code)
-    records = [r for r in run_dir.read_metrics(model_dir) if "tokens_per_second" in r]
+    all_records = run_dir.read_metrics(model_dir)
+    records = [r for r in all_records if "tokens_per_second" in r]
     steady = [r["tokens_per_second"] for r in records[1:]]  # the first interval holds the compilation
     train_seconds = sum((r["tokens"] - p["tokens"]) / r["tokens_per_second"] for p, r in zip(records, records[1:]))
-    eval_seconds = sum(r.get("eval_seconds", 0.0) for r in run_dir.read_metrics(model_dir)[1:])  # not step 0
-    checkpoint_seconds = sum(r.get("checkpoint_seconds", 0.0) for r in run_dir.read_metrics(model_dir))
+    eval_seconds = sum(r.get("eval_seconds", 0.0) for r in all_records if r["step"] > 0)  # step 0 compiles
+    checkpoint_seconds = sum(r.get("checkpoint_seconds", 0.0) for r in all_records)
     return {"tokens_per_second": statistics.median(steady), "intervals": steady,
             "flops_per_token": records[-1]["flops"] / records[-1]["tokens"],
             "eval_fraction": eval_seconds / train_seconds, "checkpoint_fraction": checkpoint_seconds / train_seconds}
