@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: test demo bench install clean-venv
+.PHONY: test demo bench mini-study install clean-venv
 
 $(STAMP): setup.py requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,17 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py --size=demo
 	$(PY) benchmarks/train_step.py --size=ladder_49m
 	if command -v nvidia-smi >/dev/null 2>&1; then bash benchmarks/gpu_throughput.sh; fi
+
+# The mini study (docs/study.md, docs/results/mini_study.md): hours on 2 cores. Every sweep resumes where
+# it stopped, so re-running the same command after an interruption continues it; the analyses (tables,
+# fits, plots, report.md per sweep) are written to docs/results/mini_study/<sweep>/.
+MINI_STUDY := mini_study mini_languages mini_replay
+mini-study: $(STAMP)
+	$(PY) -m t5x_cpt.data prepare --corpora=lo_help --languages=en,fr,de,es,ru,ja,ko,zh
+	for sweep in $(MINI_STUDY); do \
+	  $(PY) -m t5x_cpt.sweep --gin_file=configs/sweeps/$$sweep.gin --analysis_dir=docs/results/mini_study/$$sweep \
+	    || exit $$?; \
+	done
 
 clean-venv:
 	rm -rf $(VENV)

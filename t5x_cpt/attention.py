@@ -64,12 +64,21 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal[None] & same_doc)[:, None]
 
 
+def runs_as(implementation: str, sequence_length: int) -> str:
+    """The path `implementation` takes at this sequence length: 'tpu_flash' falls back to 'xla' when
+    the length is not a multiple of the kernel's block."""
+    if implementation == "tpu_flash" and sequence_length % _TPU_FLASH_BLOCK:
+        return "xla"
+    return implementation
+
+
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array,
                           implementation: str) -> jax.Array:
     """Causal attention within packed documents; shapes in the module docstring."""
+    implementation = runs_as(implementation, query.shape[1])
     if implementation == "chunked":
         return _chunked(query, key, value, segment_ids)
-    if implementation == "tpu_flash" and query.shape[1] % _TPU_FLASH_BLOCK == 0:
+    if implementation == "tpu_flash":
         return _tpu_flash(query, key, value, segment_ids)
     if implementation in ("xla", "cudnn", "tpu_flash"):
         return jax.nn.dot_product_attention(query, key, value, mask=attention_mask(segment_ids),

@@ -6,7 +6,9 @@ Defaults and their sources:
   AdamW beta1 0.9, beta2 0.95, eps 1e-8, weight decay 0.1      LLaMA-2 (eps: optax default)
   global-norm gradient clipping at 1.0                         LLaMA-2
 Weight decay applies to matrices only (kernels and embeddings), not to norm scales or biases,
-as in most open LLaMA reproductions (e.g. levanter, MaxText).
+as in most open LLaMA reproductions (e.g. levanter, MaxText); `decay_every_parameter=True` decays
+everything, as `torch.optim.AdamW(model.parameters())` does (a recipe option the study measures,
+docs/study.md).
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ def _decay_mask(params):
 
 @gin.configurable
 def make_optimizer(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-                   weight_decay: float = 0.1, clip_norm: float | None = 1.0) -> optax.GradientTransformation:
+                   weight_decay: float = 0.1, clip_norm: float | None = 1.0,
+                   decay_every_parameter: bool = False) -> optax.GradientTransformation:
     """AdamW with global-norm clipping; `schedule` gives the learning rate per step."""
     parts = []
     if clip_norm:
         parts.append(optax.clip_by_global_norm(clip_norm))
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask))
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                             mask=None if decay_every_parameter else _decay_mask))
     return optax.chain(*parts)

@@ -162,28 +162,37 @@ def _check_same_data_everywhere(task_names: Sequence[str]) -> None:
                             f"{sorted(set(everyone))}): prepare the same corpora and vocabulary on every host")
 
 
+def _architecture_differences(config: ModelConfig, directory: str) -> str:
+    """'; '-joined differences between `config` and the model config stored in `directory` ('' if none)."""
+    stored = checkpoints.read_model_config(directory)
+    return "; ".join(config.architecture_differences(stored)) if stored is not None else ""
+
+
 def _check_model_dir_holds_this_model(config: ModelConfig, model_dir: str) -> None:
-    stored = checkpoints.read_model_config(model_dir)
-    differences = config.architecture_differences(stored) if stored is not None else []
+    differences = _architecture_differences(config, model_dir)
     if differences:
-        raise TrainingError(f"MODEL_DIR {model_dir} belongs to a different model: {'; '.join(differences)}. "
+        raise TrainingError(f"MODEL_DIR {model_dir} belongs to a different model: {differences}. "
                             "Use a new MODEL_DIR or the matching model gin file.")
 
 
 def _check_source(config: ModelConfig, source: str) -> None:
     if not checkpoints.path_exists(source):
         raise TrainingError(f"source checkpoint {source} does not exist")
-    stored = checkpoints.read_model_config(source)
-    differences = config.architecture_differences(stored) if stored is not None else []
+    differences = _architecture_differences(config, source)
     if differences:
-        raise TrainingError(f"source checkpoint {source} has a different architecture: {'; '.join(differences)}")
+        raise TrainingError(f"source checkpoint {source} has a different architecture: {differences}")
 
 
-def _with_attention_chosen(config: ModelConfig) -> ModelConfig:
+def _with_attention_chosen(config: ModelConfig, sequence_length: int) -> ModelConfig:
     """The config with its attention implementation fixed for this platform, and the choice logged."""
+    from t5x_cpt import attention
+
     chosen = config.resolved_attention_impl
     how = "set by ModelConfig.attention_impl" if config.attention_impl else \
         f"the fastest for {jax.default_backend()} / {config.dtype}; override with ModelConfig.attention_impl"
+    runs = attention.runs_as(chosen, sequence_length)
+    if runs != chosen:
+        how += f"; at sequence length {sequence_length}, not a multiple of its block, {runs} runs instead"
     log.info("attention: %s (%s)", chosen, how)
     return config.replace(attention_impl=chosen)
 
@@ -206,7 +215,7 @@ def prepare_run(settings: TrainSettings) -> PreparedRun:
     from t5x_cpt.data.tfutil import seqio
 
     settings.check()
-    config = _with_attention_chosen(ModelConfig())
+    config = _with_attention_chosen(ModelConfig(), settings.sequence_length)
     mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
     batch_sharding = partitioning.batch_sharding(mesh, rules)

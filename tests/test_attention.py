@@ -31,6 +31,12 @@ def test_default_implementation_per_platform(platform, dtype, expected):
     assert attention.default_implementation(platform, dtype) == expected
 
 
+@pytest.mark.parametrize("implementation, length, expected", [
+    ("tpu_flash", 2048, "tpu_flash"), ("tpu_flash", 200, "xla"), ("chunked", 200, "chunked"), ("cudnn", 200, "cudnn")])
+def test_the_path_taken_at_a_sequence_length(implementation, length, expected):
+    assert attention.runs_as(implementation, length) == expected
+
+
 def test_none_means_this_backends_default_and_a_binding_overrides_it():
     assert jax.default_backend() == "cpu"
     assert M.ModelConfig().resolved_attention_impl == "chunked"

@@ -159,6 +159,16 @@ def test_print_commands(tmp_path, capsys):
     only = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     assert [os.path.basename(json.loads(next(a for a in c if "MODEL_DIR" in a).split("=", 1)[1])) for c in only] == \
         ["source_en_tiny_16steps", "cpt_zh_tiny_8steps_r25"]
+    # The CPT recipe's own bindings reach CPT runs only, before a variant's (which win).
+    sweep = _sweep_file(tmp_path, "Sweep.cpt_bindings = {'learning_rate_schedule.peak_learning_rate': 5e-4}",
+                        "Sweep.variants = {'hot': {'learning_rate_schedule.peak_learning_rate': 2e-3}}")
+    assert cli.main([f"--gin_file={sweep}", f"--output_dir={tmp_path / 'out'}", "--print_commands"]) == 0
+    printed = {os.path.basename(json.loads(next(a for a in c if "MODEL_DIR" in a).split("=", 1)[1])): c
+               for c in (shlex.split(l) for l in capsys.readouterr().out.splitlines() if not l.startswith("#"))}
+    lr = lambda argv: [a for a in argv if "peak_learning_rate" in a]  # noqa: E731
+    assert lr(printed["cpt_zh_tiny_8steps_r25"]) == ["--gin.learning_rate_schedule.peak_learning_rate=0.0005"]
+    assert lr(printed["cpt_zh_tiny_8steps_r25_hot"])[-1] == "--gin.learning_rate_schedule.peak_learning_rate=0.002"
+    assert lr(printed["scratch_zh_tiny_8steps"]) == [] and lr(printed["source_en_tiny_16steps"]) == []
 
 
 def test_killed_sweep_continues_where_it_stopped(reference, tmp_path, sweep_env, capsys):
@@ -287,6 +297,12 @@ def test_bad_sweep_values_are_named(tmp_path, capsys):
     sweep = _sweep_file(tmp_path, "Sweep.budgets = [{'epochs': 3}]")
     _refused(capsys, [f"--gin_file={sweep}", "--dry_run"], "Sweep.budgets[0]")
     _refused(capsys, [f"--gin_file={TINY}", "--dry_run", "--gin.Sweep.sizez=[]"], "sizez", "did you mean sizes")
+    sweep = _sweep_file(tmp_path, "Sweep.held_out_replay = 0.3")
+    _refused(capsys, [f"--gin_file={sweep}", "--dry_run"], "Sweep.held_out_replay=0.3", "[0.25]")
+    sweep = _sweep_file(tmp_path, "Sweep.replay_tolerance = -0.1")
+    _refused(capsys, [f"--gin_file={sweep}", "--dry_run"], "Sweep.replay_tolerance")
+    sweep = _sweep_file(tmp_path, "Sweep.analyses = ['mixtures']")
+    _refused(capsys, [f"--gin_file={sweep}", "--dry_run"], "'mixture'")
 
 
 def test_model_dir_of_another_configuration_is_refused_and_left_alone(reference, tmp_path, capsys):
@@ -331,3 +347,27 @@ def test_dry_run_sizes_slices_and_hours_at_the_assumed_mfu(tmp_path, capsys):
     assert float(hours) == pytest.approx(expected, rel=0.006, abs=0.051)  # FLOPs printed to 3 digits
     assert float(chip_hours.replace(",", "")) == pytest.approx(expected * chips, rel=0.01)
     assert "ASSUMED MFU of 50%" in out
+
+
+def test_language_comparison_sets_savings_against_distance(tmp_path):
+    """F4's table: distances measured on the corpus, savings taken from each language's analysis."""
+    from t5x_cpt.sweep import analyse, report, spec as sweep_spec
+
+    sweep = _sweep_file(tmp_path, "Sweep.targets = {'fr': 'lo_help_fr', 'zh': 'lo_help_zh'}",
+                        "Sweep.analyses = ['scaling', 'languages']")
+    spec = sweep_spec.read_sweep([sweep])
+    saved = {"fr": 0.6, "zh": -0.1}
+    sections = {lang: {"scaling": {"savings": {"runs": [
+        {"run": f"cpt_{lang}_tiny", "N": 1000.0, "final": {"saved_fraction": saved[lang]}}]}}} for lang in saved}
+    rows = [{"run": f"cpt_{lang}_tiny", "language": lang, "run_kind": "cpt", "loss0": 3.0 + len(lang)}
+            for lang in saved]
+    result = analyse.compare_languages(spec, sections, rows, str(tmp_path))
+    by_lang = result["languages"]
+    assert by_lang["fr"]["unseen_bigram_share"] < 0.15 < 0.6 < by_lang["zh"]["unseen_bigram_share"]
+    assert result["rank_correlation"] == {}  # two languages: no correlation to speak of
+    written = json.loads((tmp_path / "languages.json").read_text())
+    assert written["languages"]["zh"]["cpt_runs"][0] == {"run": "cpt_zh_tiny", "N": 1000.0, "saved_fraction": -0.1,
+                                                         "source_model_loss": 5.0}
+    text = "\n".join(report._languages_lines(result, spec, str(tmp_path)))
+    assert text.index("| fr |") < text.index("| zh |") and "-10.0%" in text and "60.0%" in text
+    assert os.path.exists(tmp_path / "languages.png")

@@ -100,3 +100,6 @@ def test_weight_decay_skips_norms():
     assert float(updates["layer"]["kernel"][0, 0]) == pytest.approx(-0.5)
     assert float(updates["embed"]["embedding"][0, 0]) == pytest.approx(-0.5)
     assert float(updates["layer"]["scale"][0]) == 0.0
+    everything = optim.make_optimizer(lambda _: 1.0, weight_decay=0.5, clip_norm=None, decay_every_parameter=True)
+    updates, _ = everything.update(zeros, everything.init(params), params)
+    assert float(updates["layer"]["scale"][0]) == pytest.approx(-0.5)

@@ -3,6 +3,7 @@
   python -m t5x_cpt.data prepare --corpora=lo_help[,pydoc,...] [--languages=en,zh,fr] [--data_dir=D] [--force]
   python -m t5x_cpt.data train_vocab --corpora=lo_help --languages=en,zh,fr --vocab_size=8000 [--name=N]
   python -m t5x_cpt.data vocab_report [--vocabulary=byte|sentencepiece:PATH|hf:PATH] --corpora=lo_help --languages=en,zh,fr
+  python -m t5x_cpt.data distance [--vocabulary=byte|...] --corpora=lo_help --source=en --languages=fr,zh,...
   python -m t5x_cpt.data stats --gin_file=F [--gin.NAME=VALUE ...] --batches=K
   python -m t5x_cpt.data list [--data_dir=D]
 
@@ -48,6 +49,15 @@ def _vocab_report(args) -> None:
                                             data_dir=args.data_dir, max_bytes=args.max_bytes)
     print(json.dumps({"vocabulary": args.vocabulary, "vocab_size": vocab.vocab_size,
                       "bytes_per_token": report}))
+
+
+def _distance(args) -> None:
+    from t5x_cpt.data import distance, vocabularies  # pylint: disable=g-import-not-at-top
+
+    vocab = vocabularies.vocabulary_from_spec(args.vocabulary, data_dir=args.data_dir)
+    report = distance.language_distances(vocab, args.corpora.split(","), args.source, args.languages,
+                                         data_dir=args.data_dir, max_bytes=args.max_bytes)
+    print(json.dumps({"vocabulary": args.vocabulary, "source": args.source, "distances": report}, indent=1))
 
 
 def _stats(args, gin_args) -> None:
@@ -99,6 +109,13 @@ def main(argv=None) -> int:
     p.add_argument("--languages", default="en,zh,fr")
     p.add_argument("--max_bytes", type=int, default=2_000_000)
 
+    p = sub.add_parser("distance", help="how far each language is from the source, in the vocabulary's tokens")
+    p.add_argument("--vocabulary", default="byte")
+    p.add_argument("--corpora", default="lo_help")
+    p.add_argument("--source", default="en")
+    p.add_argument("--languages", default="fr,de,es,ru,ja,ko,zh")
+    p.add_argument("--max_bytes", type=int, default=2_000_000)
+
     p = sub.add_parser("stats", help="realised token shares, throughput and fill of a run's input")
     p.add_argument("--batches", type=int, default=50)
 
@@ -124,6 +141,7 @@ def main(argv=None) -> int:
     if gin_args and args.command != "stats":
         parser.error(f"gin flags are only for `stats`: {gin_args}")
     commands = {"prepare": _prepare, "train_vocab": _train_vocab, "vocab_report": _vocab_report,
+                "distance": _distance,
                 "stats": lambda a: _stats(a, gin_args), "list": _list}
     return errors.run_command(f"t5x_cpt.data {args.command}", lambda _: commands[args.command](args))
 

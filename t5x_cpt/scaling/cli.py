@@ -5,11 +5,14 @@ go to stderr. Bad input prints one message on stderr, a JSON object {"error": ..
 exits with status 2; anything else is a bug and ends in a traceback (docs/errors.md).
 
   collect   MODEL_DIRs (metrics.jsonl + run_info.json) -> run table CSV
-  fit       one law on a run table (chinchilla | cpt | frontier | frontier_e | forgetting)
+  fit       one law on a run table (chinchilla | cpt | frontier | frontier_e | forgetting | mixture)
   allocate  compute-optimal N, D (and loss) at budgets from a fit
   savings   per CPT run: compute saved and tokens transferred against same-size scratch runs
-  plan      recommended N, D for CPT and scratch at a budget, predicted losses and saving
-  compare   fit errors of both laws on both run kinds, and leave-largest-sizes-out errors
+  plan      recommended N, D for CPT and scratch at a budget, predicted losses and saving;
+            with --recommend_replay: the replay ratio that keeps the source language within a
+            tolerance at the least cost in target loss
+  compare   fit errors of both laws on both run kinds, and leave-largest-sizes-out errors;
+            with --held_out_replay: the mixture law against the project's laws on a left-out ratio
   report    all of the above on one table, plus plots
 """
 
@@ -27,14 +30,14 @@ from typing import Sequence
 import numpy as np
 
 from t5x_cpt.errors import UserInputError, one_line, run_command
-from t5x_cpt.scaling import (allocation, bootstrap, collect, comparison, forgetting, laws, planner,
+from t5x_cpt.scaling import (allocation, bootstrap, collect, comparison, forgetting, laws, mixture, planner,
                              procedures, report, savings as savings_mod)
 from t5x_cpt.scaling.tables import ScalingInputError, Table, read_table, write_table
 
 log = logging.getLogger("t5x_cpt.scaling")
 
-FIT_LAWS = ("chinchilla", "cpt", "frontier", "frontier_e", "forgetting")
-DEFAULT_RUN_KIND = {"chinchilla": "scratch", "cpt": "cpt", "forgetting": "cpt"}
+FIT_LAWS = ("chinchilla", "cpt", "frontier", "frontier_e", "forgetting", "mixture")
+DEFAULT_RUN_KIND = {"chinchilla": "scratch", "cpt": "cpt", "forgetting": "cpt", "mixture": "cpt"}
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -70,14 +73,14 @@ def _bounds(text: str | None) -> dict[str, tuple[float, float]] | None:
     return out
 
 
-def _clean(obj):
+def json_safe(obj):
     """JSON-safe copy: numpy -> python, NaN/inf -> None."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
+        return json_safe(obj.tolist())
     if isinstance(obj, (np.floating, float)):
         v = float(obj)
         return v if math.isfinite(v) else None
@@ -121,8 +124,19 @@ def cmd_fit(args) -> dict:
                                 "--unfrozen to fit all six parameters")
     if args.frozen and law_name != "cpt":
         raise ScalingInputError("--frozen applies to --law=cpt only")
+    if law_name == "mixture" and not args.mixture_role:
+        raise ScalingInputError("--law=mixture needs --mixture_role=target (the table holds the target "
+                                "language's losses) or --mixture_role=source (the replayed language's)")
     table = _table(args, DEFAULT_RUN_KIND.get(law_name))
     t0 = time.perf_counter()
+    if law_name == "mixture":
+        if args.bootstrap:
+            raise ScalingInputError("--bootstrap is not supported for --law=mixture")
+        out = mixture.fit_mixture(table, args.mixture_role, epsilon=args.epsilon)
+        out["run_kind"] = getattr(args, "run_kind", None)
+        out["table"] = os.path.abspath(args.runs)
+        out["seconds"] = time.perf_counter() - t0
+        return out
     if law_name == "forgetting":
         fit = forgetting.fit_forgetting(table, workers=args.workers)
         if args.bootstrap:
@@ -192,8 +206,12 @@ def cmd_savings(args) -> dict:
 
 
 def cmd_plan(args) -> dict:
+    if args.recommend_replay:
+        return _recommend_replay(args)
     scratch = _read_json(args.fit_scratch, "--fit_scratch")
     cpt = _read_json(args.fit_cpt, "--fit_cpt")
+    if not args.flops:
+        raise ScalingInputError("--flops is required")
     flops = _floats(args.flops, "--flops")
     sizes = _floats(args.source_sizes, "--source_sizes") if args.source_sizes else None
     plans = [planner.plan(scratch, cpt, c, replay_ratio=args.replay_ratio, source_sizes=sizes,
@@ -201,10 +219,35 @@ def cmd_plan(args) -> dict:
     return plans[0] if len(plans) == 1 else {"plans": plans}
 
 
+def _recommend_replay(args) -> dict:
+    missing = [f for f, v in (("--fit_target", args.fit_target), ("--fit_source", args.fit_source),
+                              ("--N", args.N), ("--source_loss0", args.source_loss0),
+                              ("--tolerance", args.tolerance)) if v is None]
+    if (args.tokens is None) == (args.flops is None):
+        missing.append("exactly one of --tokens and --flops")
+    if missing:
+        raise ScalingInputError(f"--recommend_replay needs {', '.join(missing)}")
+    if args.flops is not None and len(_floats(args.flops, "--flops")) != 1:
+        raise ScalingInputError("--recommend_replay takes one budget: pass one value to --flops")
+    tokens = args.tokens if args.tokens is not None else _floats(args.flops, "--flops")[0] / (
+        laws.FLOPS_PER_PARAM_TOKEN * args.N)
+    return mixture.recommend_replay(_read_json(args.fit_target, "--fit_target"),
+                                    _read_json(args.fit_source, "--fit_source"), N=args.N, tokens=tokens,
+                                    source_loss0=args.source_loss0, tolerance=args.tolerance)
+
+
 def cmd_compare(args) -> dict:
     table = read_table(args.runs)
     if args.language:
         table = table.filter(language=args.language)
+    if args.held_out_replay is not None:
+        if not args.source_runs:
+            raise ScalingInputError("--held_out_replay needs --source_runs (the CPT runs' source-language losses)")
+        source = read_table(args.source_runs)
+        if args.language:
+            source = source.filter(language=args.language)
+        return mixture.compare_held_out(table.filter(run_kind="cpt") if table.has("run_kind") else table,
+                                        source, args.held_out_replay)
     return comparison.compare(table, holdout=args.holdout, grid=args.grid, workers=args.workers)
 
 
@@ -250,6 +293,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--level", type=float, default=0.9, help="interval level")
     sp.add_argument("--flops", help="budgets (comma list) for derived quantities (N_opt@C, ...)")
+    sp.add_argument("--mixture_role", choices=mixture.ROLES,
+                    help="--law=mixture: whose loss the table holds (target: r = 1 - replay; source: r = replay)")
+    sp.add_argument("--epsilon", type=float, default=None,
+                    help="--law=mixture: fix eps (default: chosen from %s)" % (list(mixture.EPSILON_GRID),))
 
     sp = sub.add_parser("allocate", help="compute-optimal N, D at budgets")
     common(sp, runs=False)
@@ -263,17 +310,30 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("plan", help="plan a budget: N, D, losses and saving for CPT and scratch")
     common(sp, runs=False)
-    sp.add_argument("--fit_scratch", required=True)
-    sp.add_argument("--fit_cpt", required=True)
-    sp.add_argument("--flops", required=True, help="budget(s) C in FLOPs, comma list")
+    sp.add_argument("--fit_scratch", help="scratch fit JSON (required unless --recommend_replay)")
+    sp.add_argument("--fit_cpt", help="CPT fit JSON (required unless --recommend_replay)")
+    sp.add_argument("--flops", help="budget(s) C in FLOPs, comma list")
     sp.add_argument("--replay_ratio", type=float, default=0.0)
     sp.add_argument("--source_sizes", help="sizes of available source models (comma list)")
     sp.add_argument("--level", type=float, default=None)
+    sp.add_argument("--recommend_replay", action="store_true",
+                    help="recommend the replay ratio instead (--fit_target, --fit_source, --N, --tokens or "
+                         "--flops, --source_loss0, --tolerance)")
+    sp.add_argument("--fit_target", help="target-language fit: mixture (role target), CPT or Chinchilla")
+    sp.add_argument("--fit_source", help="source-language fit: mixture (role source) or forgetting")
+    sp.add_argument("--N", type=float, help="model size, parameters")
+    sp.add_argument("--tokens", type=float, help="CPT budget in tokens of both languages")
+    sp.add_argument("--source_loss0", type=float, help="the source language's loss before CPT")
+    sp.add_argument("--tolerance", type=float, help="nats the source loss may rise above --source_loss0")
 
     sp = sub.add_parser("compare", help="fit errors and extrapolation errors of both laws")
     common(sp)
     sp.add_argument("--holdout", type=int, default=1, help="largest sizes left out")
     sp.add_argument("--grid", default="full", choices=procedures.GRID_CHOICES)
+    sp.add_argument("--held_out_replay", type=float, default=None,
+                    help="instead: leave this replay ratio out and score the mixture law against the "
+                         "project's laws on it (--runs: target losses of CPT runs; --source_runs too)")
+    sp.add_argument("--source_runs", help="with --held_out_replay: the CPT runs' source-language losses")
 
     sp = sub.add_parser("report", help="everything on one table, plus plots")
     common(sp)
@@ -296,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
         # Stdout stays one JSON object even on failure, for scripts that parse it.
         print(json.dumps({"error": one_line(e), "command": args.command}))
         raise
-    text = json.dumps(_clean(result), indent=2)
+    text = json.dumps(json_safe(result), indent=2)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:

@@ -13,7 +13,13 @@ in the working directory when OUTPUT_DIR is a bucket):
     <lang>/scaling.json  `python -m t5x_cpt.scaling report` on fit_runs.csv (fits of both laws,
                          allocation, frontier, Table-3 comparison, savings, plans, checks) + its PNGs
     <lang>/forgetting.json, forgetting.png   the law of forgetting on the CPT runs' source loss
+    <lang>/mixture.json  (analysis 'mixture') the D-CPT mixture law for both languages, scored against the
+                         project's laws on a held-out replay ratio, and the replay ratio each pair of
+                         laws recommends at the runs' size and budget (t5x_cpt.scaling.mixture)
     <lang>/curves.png    every run's target loss against training FLOPs, and the CPT runs' source loss
+    languages.json, languages.png   (analysis 'languages') per target language its distance from the
+                         source language (t5x_cpt.data.distance, in bytes) against the compute its CPT runs
+                         saved at each size, and the rank correlation of the two
     report.md            all of the above in words and tables, with the plots
 
 An analysis the runs cannot support (too few sizes or points for a fit, no scratch run to compare
@@ -128,12 +134,16 @@ def analyse(spec: SweepSpec, runs: Sequence[ConfiguredRun], analysis_dir: str, c
         forget_rows = [r for r in source_rows if r["language"] == language and not r["variant"]]
         if "forgetting" in spec.analyses and "cpt" in spec.run_kinds:
             section["forgetting"] = _run_forgetting(forget_rows, directory, section["errors"])
+        if "mixture" in spec.analyses and "cpt" in spec.run_kinds:
+            cpt_rows = [r for r in mine if r["run_kind"] == "cpt" and not r["variant"]]
+            section["mixture"] = _run_mixture(cpt_rows, forget_rows, directory, spec, section["errors"])
         sections[language] = section
+    languages = compare_languages(spec, sections, target_rows, analysis_dir) if "languages" in spec.analyses else None
     from t5x_cpt.sweep import report
 
     path = os.path.join(analysis_dir, "report.md")
     with open(path, "w") as f:
-        f.write(report.markdown(spec, runs, sections, notes, base, command, analysis_dir))
+        f.write(report.markdown(spec, runs, sections, notes, base, command, analysis_dir, languages))
     return path, not any(section["errors"].get("bug") for section in sections.values())
 
 
@@ -185,6 +195,157 @@ def _run_forgetting(rows: list[dict], directory: str, errors: dict) -> dict | No
             fit = json.load(f)
     plots.forgetting_curves(tables.read_table(csv_path), fit, os.path.join(directory, "forgetting.png"))
     return fit
+
+
+def compare_languages(spec: SweepSpec, sections: Mapping[str, dict], target_rows: list[dict],
+                      analysis_dir: str) -> dict:
+    """Finding F4 of docs/study.md: each language's CPT saving against its distance from the source.
+
+    Distances are measured in bytes (the mini study's vocabulary) on the corpus of the target tasks
+    (`<corpus>_<lang>`); savings are the final saved fraction of each CPT run at the base replay ratio
+    against the scratch run of its size (the per-language scaling analysis); loss0 is the source
+    model's loss on the language before CPT.
+    """
+    from scipy.stats import spearmanr
+
+    from t5x_cpt.data import distance, vocabularies
+
+    corpora = sorted({task.rpartition("_")[0] for task in spec.targets.values()})
+    measures = distance.language_distances(vocabularies.vocabulary_from_spec("byte"), corpora,
+                                           spec.source_language, list(spec.targets))
+    out: dict[str, Any] = {"corpora": corpora, "vocabulary": "byte", "languages": {}}
+    for language, section in sections.items():
+        savings = ((section.get("scaling") or {}).get("savings") or {}).get("runs", [])
+        start = {r["run"]: r["loss0"] for r in target_rows if r["language"] == language and r["run_kind"] == "cpt"}
+        out["languages"][language] = {
+            **measures[language],
+            "cpt_runs": [{"run": r["run"], "N": r["N"], "saved_fraction": (r.get("final") or {}).get("saved_fraction"),
+                          "source_model_loss": start.get(r["run"])} for r in savings],
+        }
+    sizes = sorted({run["N"] for entry in out["languages"].values() for run in entry["cpt_runs"]})
+    out["rank_correlation"] = {}
+    for size in sizes:
+        pairs = [(entry["unseen_bigram_share"], run["saved_fraction"]) for entry in out["languages"].values()
+                 for run in entry["cpt_runs"] if run["N"] == size and run["saved_fraction"] is not None]
+        if len(pairs) >= 3:
+            rho, p_value = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
+            out["rank_correlation"][f"{size:g}"] = {"spearman_rho": float(rho), "p_value": float(p_value),
+                                                    "languages": len(pairs)}
+    out["plot"] = _plot_languages(out, os.path.join(analysis_dir, "languages.png"))
+    return _write_json(os.path.join(analysis_dir, "languages.json"), out)
+
+
+def _plot_languages(result: Mapping, path: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(language, entry["unseen_bigram_share"], run["N"], 100 * run["saved_fraction"])
+              for language, entry in result["languages"].items() for run in entry["cpt_runs"]
+              if run["saved_fraction"] is not None]
+    if not points:
+        return None
+    sizes = sorted({n for _, _, n, _ in points})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for language, distance_from_source, n, saved in points:
+        ax.scatter(distance_from_source, saved, color=f"C{sizes.index(n)}")
+        ax.annotate(language, (distance_from_source, saved), fontsize=8)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("share of target byte bigrams never seen in English training text")
+    ax.set_ylabel("compute saved by CPT at the end (%)")
+    ax.set_title("Transfer against distance (colour: model size, smallest first)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def held_out_ratio(spec: SweepSpec) -> float | None:
+    """`Sweep.held_out_replay`, else the middle of the sweep's constant ratios (an interpolation)."""
+    if spec.held_out_replay is not None:
+        return spec.held_out_replay
+    constant = sorted(r.ratio for r in spec.replay if not r.points)
+    return constant[len(constant) // 2] if len(constant) >= 4 else None
+
+
+def _run_mixture(target_rows: list[dict], source_rows: list[dict], directory: str, spec: SweepSpec,
+                 errors: dict) -> dict | None:
+    """The D-CPT law per language, the held-out comparison and the recommendations -> mixture.json."""
+    from t5x_cpt.scaling import forgetting, mixture, tables
+
+    if not target_rows or not source_rows:
+        errors["mixture"] = "no evaluated CPT runs yet"
+        return None
+    target = tables.from_rows(target_rows, "CPT runs' target losses")
+    source = tables.from_rows(source_rows, "CPT runs' source losses")
+    out: dict[str, Any] = {"tolerance": spec.replay_tolerance}
+    try:
+        out["target_fit"] = mixture.fit_mixture(target, "target")
+        out["source_fit"] = mixture.fit_mixture(source, "source")
+    except UserInputError as e:
+        errors["mixture"] = one_line(e)
+        return None
+    except Exception as e:  # noqa: BLE001  a bug: recorded, the other analyses still run
+        log.exception("mixture fit failed")
+        errors["mixture"], errors["bug"] = f"the mixture fit failed with {type(e).__name__}: {e} (a bug)", True
+        return None
+    held_out = held_out_ratio(spec)
+    if held_out is None:
+        out["held_out"] = {"error": "fewer than four constant replay ratios: nothing to hold out"}
+    else:
+        try:
+            out["held_out"] = mixture.compare_held_out(target, source, held_out)
+        except UserInputError as e:
+            out["held_out"] = {"error": one_line(e)}
+    # The recommendation at the runs' own size and budget, from the D-CPT pair and from the project's.
+    largest = max(source_rows, key=lambda r: (r["N"], r["tokens"]))
+    loss0 = largest.get("loss0")
+    n, tokens, loss0 = float(largest["N"]), float(largest["tokens"]), float("nan") if loss0 is None else float(loss0)
+    out["recommendation_at"] = {"N": n, "tokens": tokens, "source_loss0": loss0}
+    if not math.isfinite(loss0):
+        out["recommendations"] = {"error": "the CPT runs have no step-0 source-language evaluation (loss0)"}
+        out["observed"] = None
+        return _write_json(os.path.join(directory, "mixture.json"), out)
+    own_target = mixture.fit_target_tokens(target.select(target["N"] == n)).to_json()
+    own_source = None
+    try:
+        own_source = forgetting.fit_forgetting(source).to_json()
+    except UserInputError as e:
+        out["own_source_error"] = one_line(e)
+    pairs = {"mixture": (out["target_fit"], out["source_fit"]), "own": (own_target, own_source)}
+    out["recommendations"] = {}
+    for name, (target_fit, source_fit) in pairs.items():
+        if source_fit is None:
+            continue
+        try:
+            out["recommendations"][name] = mixture.recommend_replay(
+                target_fit, source_fit, N=n, tokens=tokens, source_loss0=loss0, tolerance=spec.replay_tolerance)
+        except UserInputError as e:
+            out["recommendations"][name] = {"error": one_line(e)}
+    out["observed"] = observed_replay_needed(source_rows, spec.replay_tolerance)
+    return _write_json(os.path.join(directory, "mixture.json"), out)
+
+
+def _write_json(path: str, obj: dict) -> dict:
+    from t5x_cpt.scaling.cli import json_safe
+
+    with open(path, "w") as f:
+        json.dump(json_safe(obj), f, indent=2)
+    return obj
+
+
+def observed_replay_needed(source_rows: list[dict], tolerance: float) -> dict:
+    """From the runs themselves: each ratio's source loss at the end against its start, and the
+    smallest ratio whose final source loss is within `tolerance` of the start."""
+    final: dict[float, dict] = {}
+    for row in source_rows:
+        ratio = float(row["replay_ratio"])
+        if ratio not in final or row["tokens"] > final[ratio]["tokens"]:
+            final[ratio] = {"tokens": float(row["tokens"]), "start": float(row["loss0"]), "end": float(row["loss"])}
+    ok = sorted(r for r, v in final.items() if v["end"] <= v["start"] + tolerance)
+    return {"by_ratio": {f"{r:g}": final[r] for r in sorted(final)}, "smallest_ratio_within_tolerance":
+            ok[0] if ok else None}
 
 
 def eval_curve(model_dir: str, key: str) -> list[tuple[float, float]]:

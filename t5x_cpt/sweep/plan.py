@@ -145,7 +145,7 @@ def expand(spec: SweepSpec) -> list[PlannedRun]:
                             [binding("SOURCE_TASK", spec.source_task), binding("TARGET_TASK", task),
                              binding("REPLAY_RATIO", replay.ratio), binding("SOURCE_CHECKPOINT", source_dir),
                              binding("EVAL_TASKS", [spec.source_task, task]),
-                             *_mapping_bindings(variant_bindings)],
+                             *_mapping_bindings(spec.cpt_bindings), *_mapping_bindings(variant_bindings)],
                             source_run=source_run, source_dir=source_dir, replay=replay, variant=variant,
                             target_task=task)
     _refuse_duplicates(runs)

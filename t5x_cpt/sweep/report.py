@@ -25,7 +25,7 @@ def _image(path: str | None, analysis_dir: str, alt: str) -> list[str]:
 
 
 def markdown(spec: SweepSpec, runs: Sequence[ConfiguredRun], sections: Mapping[str, Mapping], notes: Sequence[str],
-             base_ratio: float | None, command: str, analysis_dir: str) -> str:
+             base_ratio: float | None, command: str, analysis_dir: str, languages: Mapping | None = None) -> str:
     """The report's text (module docstring)."""
     from t5x_cpt.sweep.execute import run_state
 
@@ -51,7 +51,31 @@ def markdown(spec: SweepSpec, runs: Sequence[ConfiguredRun], sections: Mapping[s
         lines.append("")
     for language, section in sections.items():
         lines += _language_section(language, section, spec, base_ratio, analysis_dir)
+    if languages is not None:
+        lines += _languages_lines(languages, spec, analysis_dir)
     return "\n".join(lines) + "\n"
+
+
+def _languages_lines(result: Mapping, spec: SweepSpec, analysis_dir: str) -> list[str]:
+    lines = [f"## Transfer against distance from `{spec.source_language}`", "",
+             f"Distances in {result['vocabulary']} tokens on {', '.join(result['corpora'])} (t5x_cpt.data.distance): "
+             "unseen bigrams = share of the language's token transitions never seen in the source text; "
+             "JS = Jensen-Shannon divergence of the unigram distributions (bits).", "",
+             "| language | unseen bigrams | unseen tokens | JS (bits) | CPT run | source model's loss | saved |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+    ordered = sorted(result["languages"].items(), key=lambda kv: kv[1]["unseen_bigram_share"])
+    for language, entry in ordered:
+        for run in entry["cpt_runs"] or [{"run": "-", "saved_fraction": None, "source_model_loss": None}]:
+            saved = run["saved_fraction"]
+            lines.append(f"| {language} | {_num(entry['unseen_bigram_share'], 3)} | {_num(entry['unseen_token_share'], 3)} | "
+                         f"{_num(entry['unigram_js_bits'], 3)} | {run['run']} | {_num(run['source_model_loss'])} | "
+                         f"{'n/a' if saved is None else f'{100 * saved:.1f}%'} |")
+    lines.append("")
+    for size, corr in result.get("rank_correlation", {}).items():
+        lines.append(f"- N = {size}: Spearman rank correlation of saving and unseen bigrams, rho = "
+                     f"{_num(corr['spearman_rho'], 3)} (p = {_num(corr['p_value'], 2)}, {corr['languages']} languages)")
+    lines.append("")
+    return lines + _image(result.get("plot"), analysis_dir, "saving against distance")
 
 
 def _language_section(language: str, section: Mapping, spec: SweepSpec, base_ratio: float | None,
@@ -84,7 +108,56 @@ def _language_section(language: str, section: Mapping, spec: SweepSpec, base_rat
                         lines.append(f"| {_num(group.get('replay_ratio'))} | {run['run']} | {_num(run['source_loss_start'])} | "
                                      f"{_num(run['source_loss_end'])} | {_num(run['rise'])} |")
                 lines.append("")
+    if "mixture" in spec.analyses and "cpt" in spec.run_kinds:
+        lines += _mixture_lines(section.get("mixture"), errors)
     return lines
+
+
+def _mixture_lines(result: Mapping | None, errors: Mapping) -> list[str]:
+    lines = ["### Replay ratio: the D-CPT mixture law (Que et al., arXiv 2406.01375) and the project's laws", ""]
+    if result is None:
+        return lines + [f"Not available: {errors.get('mixture', 'no result')}.", ""]
+    for role in ("target", "source"):
+        fit = result[f"{role}_fit"]
+        values = ", ".join(f"{k} = {_num(fit[k])}" for k in ("E", "A", "alpha", "B", "eta", "beta", "C", "gamma",
+                                                             "epsilon") if k in fit)
+        lines.append(f"- {role} language, L = E + A/N^alpha + B r^eta/D^beta + C/(r + eps)^gamma: {values} "
+                     f"(RMS log residual {_num(fit['objective']['rms_log_residual'])}, {fit['n_points']} points"
+                     + (f"; warnings: {'; '.join(fit['warnings'])}" if fit.get("warnings") else "") + ")")
+    held = result.get("held_out") or {}
+    if "error" in held:
+        lines += ["", f"Held-out comparison: {held['error']}."]
+    else:
+        lines += ["", f"Held out: replay ratio {_num(held['held_out_replay_ratio'])}, fitted on the others.", "",
+                  "| language | mixture law: RMS log residual / mean abs error | project's law | its RMS log residual / "
+                  "mean abs error | better |", "| --- | --- | --- | --- | --- |"]
+        for role in ("target", "source"):
+            entry = held[role]
+            mix, own = entry["mixture"]["held_out"], entry["own"]["held_out"]
+            lines.append(f"| {role} | {_num(mix['rms_log_residual'])} / {_num(mix['mean_abs_error'])} | "
+                         f"{entry['own']['law']} | {_num(own['rms_log_residual'])} / {_num(own['mean_abs_error'])} | "
+                         f"{entry['better_on_held_out']} |")
+    at = result.get("recommendation_at") or {}
+    lines += ["", f"Recommended replay ratio at N = {_num(at.get('N'))}, {_num(at.get('tokens'))} tokens, keeping the "
+                  f"source loss within {_num(result.get('tolerance'))} nats of {_num(at.get('source_loss0'))}:"]
+    recs = result.get("recommendations") or {}
+    if "error" in recs:
+        lines.append(f"- {recs['error']}")
+    for name, rec in recs.items() if "error" not in recs else ():
+        label = "D-CPT laws" if name == "mixture" else "project's laws (target-token law + law of forgetting)"
+        if "error" in rec:
+            lines.append(f"- {label}: {rec['error']}")
+        elif not rec["feasible"]:
+            lines.append(f"- {label}: {rec['message']}")
+        else:
+            lines.append(f"- {label}: r = {_num(rec['recommended_replay_ratio'])} (predicted source loss "
+                         f"{_num(rec['predicted']['source_loss'])}, target loss {_num(rec['predicted']['target_loss'])}, "
+                         f"{_num(rec['target_loss_cost'])} nats above the best target loss)")
+    observed = result.get("observed")
+    if observed:
+        lines.append(f"- observed in the runs: the smallest ratio whose final source loss is within the tolerance: "
+                     f"{_num(observed['smallest_ratio_within_tolerance'])}")
+    return lines + [""]
 
 
 def _fit_line(name: str, fit: Mapping | None) -> str:

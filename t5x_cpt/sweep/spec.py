@@ -32,7 +32,8 @@ from t5x_cpt.errors import UserInputError
 
 TARGET_RUN_KINDS = ("scratch", "cpt")
 BUDGET_KINDS = ("steps", "tokens", "tokens_per_param")
-ANALYSES = ("scaling", "forgetting")
+ANALYSES = ("scaling", "forgetting", "mixture", "languages")
+DEFAULT_ANALYSES = ("scaling", "forgetting")
 FIT_GRIDS = ("coarse", "full")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -123,14 +124,17 @@ class Sweep:
     run_files: Sequence[str] = ()
     run_bindings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     source_bindings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    cpt_bindings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     variants: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     batch_size_by_params: Sequence[Sequence[Any]] = ()
     eval_points: int | None = None
     check_ladder: bool = True
-    analyses: Sequence[str] = ANALYSES
+    analyses: Sequence[str] = DEFAULT_ANALYSES
     analysis_flops: Sequence[float] = (1e20, 1e21, 1e22)
     bootstrap: int = 0
     fit_grid: str = "full"
+    held_out_replay: float | None = None
+    replay_tolerance: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +155,7 @@ class SweepSpec:
     run_files: tuple[str, ...]
     run_bindings: Mapping[str, Any]
     source_bindings: Mapping[str, Any]
+    cpt_bindings: Mapping[str, Any]
     variants: Mapping[str, Mapping[str, Any]]
     batch_size_by_params: tuple[tuple[float, int], ...]
     eval_points: int | None
@@ -160,6 +165,8 @@ class SweepSpec:
     bootstrap: int
     fit_grid: str
     files: tuple[str, ...]
+    held_out_replay: float | None = None
+    replay_tolerance: float = 0.0
 
     def batch_size_for(self, params: int) -> int | None:
         """The batch size (sequences) the size rule gives a model of `params`, or None without a rule."""
@@ -325,6 +332,11 @@ def validate(raw: Sweep, files: tuple[str, ...], default_name: str, output_dir: 
     _need(all(isinstance(c, (int, float)) and c > 0 for c in raw.analysis_flops) and len(raw.analysis_flops) > 0,
           f"Sweep.analysis_flops must be positive FLOP budgets, got {list(raw.analysis_flops)}")
     _need(all(isinstance(f, str) and f for f in raw.run_files), "Sweep.run_files must be a list of gin files")
+    constant_ratios = [r.ratio for r in replay if not r.points]
+    _need(raw.held_out_replay is None or any(abs(raw.held_out_replay - r) < 1e-9 for r in constant_ratios),
+          f"Sweep.held_out_replay={raw.held_out_replay!r} is not one of the sweep's replay ratios {constant_ratios}")
+    _need(isinstance(raw.replay_tolerance, (int, float)) and raw.replay_tolerance >= 0,
+          f"Sweep.replay_tolerance must be >= 0 nats, got {raw.replay_tolerance!r}")
     chosen_dir = output_dir or raw.output_dir or os.path.join("runs", "sweeps", name)
     return SweepSpec(
         name=name, output_dir=chosen_dir, sizes=sizes, budgets=budgets, run_kinds=run_kinds,
@@ -332,7 +344,9 @@ def validate(raw: Sweep, files: tuple[str, ...], default_name: str, output_dir: 
         replay=replay, source_budget=source_budget, sources=sources, run_files=tuple(raw.run_files),
         run_bindings=_bindings(raw.run_bindings or {}, "Sweep.run_bindings"),
         source_bindings=_bindings(raw.source_bindings or {}, "Sweep.source_bindings"),
+        cpt_bindings=_bindings(raw.cpt_bindings or {}, "Sweep.cpt_bindings"),
         variants=variants, batch_size_by_params=_batch_rule(raw.batch_size_by_params),
         eval_points=raw.eval_points, check_ladder=bool(raw.check_ladder), analyses=tuple(raw.analyses),
         analysis_flops=tuple(float(c) for c in raw.analysis_flops), bootstrap=raw.bootstrap,
-        fit_grid=raw.fit_grid, files=files)
+        fit_grid=raw.fit_grid, files=files, held_out_replay=raw.held_out_replay,
+        replay_tolerance=float(raw.replay_tolerance))
