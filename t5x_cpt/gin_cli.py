@@ -96,9 +96,14 @@ def parse(files: Sequence[str], bindings: Sequence[str], skip_unknown: bool = Fa
     `finalize=False` leaves the config open (REQUIRED values unchecked), for tools that read a
     part of a run's config.
     """
-    for root in CONFIG_SEARCH_PATHS:
-        if root not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
-            gin.add_config_file_search_path(root)
+    # The project's config roots go before gin's '' (the working directory): run files include
+    # 'runs/common.gin', and a `runs/` directory of outputs in the working directory (the sweeps'
+    # default OUTPUT_DIR) must not shadow configs/runs/.
+    prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
+    for root in reversed(CONFIG_SEARCH_PATHS):
+        if root in prefixes:
+            prefixes.remove(root)
+        prefixes.insert(0, root)
     resolved = [_resolve_file(f) for f in files]
     try:
         with _quiet_root_logger():

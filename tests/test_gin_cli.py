@@ -4,6 +4,8 @@ The configurables are registered as the trainer's entry point registers them (it
 t5x_cpt.train and the data pipeline before it parses), so gin checks bindings against the real
 signatures.
 """
+import os
+
 import gin
 import pytest
 
@@ -95,3 +97,12 @@ def test_gins_call_trailer_does_not_bury_the_message(capsys):
     err = capsys.readouterr().err
     assert code == errors.USAGE_EXIT_CODE
     assert err.splitlines() == ["t5x_cpt.model_info: error: " + errors.one_line(caught.value)]
+
+
+def test_a_runs_directory_in_the_working_directory_does_not_shadow_configs_runs(tmp_path, monkeypatch):
+    """Sweeps write their runs under ./runs by default; run files include 'runs/common.gin'."""
+    (tmp_path / "runs" / "mini_study").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    gin_cli.parse([os.path.join(gin_cli.REPO_ROOT, "configs/models/tiny.gin"),
+                   os.path.join(gin_cli.REPO_ROOT, "configs/runs/pretrain.gin")], [], finalize=False)
+    assert gin.query_parameter("train.run_kind") == "source"

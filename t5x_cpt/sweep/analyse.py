@@ -136,7 +136,8 @@ def analyse(spec: SweepSpec, runs: Sequence[ConfiguredRun], analysis_dir: str, c
             section["forgetting"] = _run_forgetting(forget_rows, directory, section["errors"])
         if "mixture" in spec.analyses and "cpt" in spec.run_kinds:
             cpt_rows = [r for r in mine if r["run_kind"] == "cpt" and not r["variant"]]
-            section["mixture"] = _run_mixture(cpt_rows, forget_rows, directory, spec, section["errors"])
+            section["mixture"] = _run_mixture(cpt_rows, forget_rows, directory, spec, section["errors"],
+                                              forgetting_fit=section["forgetting"])
         sections[language] = section
     languages = compare_languages(spec, sections, target_rows, analysis_dir) if "languages" in spec.analyses else None
     from t5x_cpt.sweep import report
@@ -270,8 +271,11 @@ def held_out_ratio(spec: SweepSpec) -> float | None:
 
 
 def _run_mixture(target_rows: list[dict], source_rows: list[dict], directory: str, spec: SweepSpec,
-                 errors: dict) -> dict | None:
-    """The D-CPT law per language, the held-out comparison and the recommendations -> mixture.json."""
+                 errors: dict, forgetting_fit: Mapping | None = None) -> dict | None:
+    """The D-CPT law per language, the held-out comparison and the recommendations -> mixture.json.
+
+    `forgetting_fit` is the law of forgetting the 'forgetting' analysis already fitted to the same
+    rows; without it (that analysis not chosen, or it failed) the law is fitted here."""
     from t5x_cpt.scaling import forgetting, mixture, tables
 
     if not target_rows or not source_rows:
@@ -308,11 +312,12 @@ def _run_mixture(target_rows: list[dict], source_rows: list[dict], directory: st
         out["observed"] = None
         return _write_json(os.path.join(directory, "mixture.json"), out)
     own_target = mixture.fit_target_tokens(target.select(target["N"] == n)).to_json()
-    own_source = None
-    try:
-        own_source = forgetting.fit_forgetting(source).to_json()
-    except UserInputError as e:
-        out["own_source_error"] = one_line(e)
+    own_source = forgetting_fit
+    if own_source is None:
+        try:
+            own_source = forgetting.fit_forgetting(source).to_json()
+        except UserInputError as e:
+            out["own_source_error"] = one_line(e)
     pairs = {"mixture": (out["target_fit"], out["source_fit"]), "own": (own_target, own_source)}
     out["recommendations"] = {}
     for name, (target_fit, source_fit) in pairs.items():
