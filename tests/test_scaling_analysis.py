@@ -141,3 +141,38 @@ def test_frontier_from_runs(both):
     assert len(pts["C"]) >= 5
     assert np.all(np.diff(pts["loss"]) < 0) and np.all(np.diff(pts["C"]) > 0)
     assert 0 < fit.params["g"] < 0.3
+
+
+@pytest.mark.parametrize("cpt_shift, method, saved, quarter_method, quarter_saved", [
+    # CPT at D is scratch at 2D: half the compute, at every point.
+    (2.0, "cpt_reaches_scratch", 0.5, "cpt_reaches_scratch", 0.5),
+    # CPT at D is scratch at D/2: twice the compute; CPT never reaches scratch's final loss.
+    (0.5, "scratch_reaches_cpt", -1.0, "cpt_reaches_scratch", -1.0),
+    # CPT's first evaluation (1e3 tokens) is already past scratch's loss at 1e5 and at 3.16e4 tokens.
+    (1000.0, "at_least", 1 - 1e3 / 1e5, "at_least", 1 - 1e3 / 10 ** 4.5),
+])
+def test_saving_at_scratch_points_reads_the_curves_without_a_law(cpt_shift, method, saved, quarter_method,
+                                                                 quarter_saved):
+    """Power-law curves are straight in log-log, so the interpolation is exact."""
+    from t5x_cpt.scaling.tables import from_rows
+
+    tokens = np.geomspace(1e3, 1e5, 9)  # a quarter of 1e5 falls between 1.78e4 and 3.16e4: the latter
+    rows = [{"N": 1e6, "D": d, "loss": 10 * d ** -0.2, "run_kind": "scratch", "run": "s"} for d in tokens]
+    rows += [{"N": 1e6, "D": d, "loss": 10 * (cpt_shift * d) ** -0.2, "run_kind": "cpt", "run": "c"} for d in tokens]
+    run = savings.savings(from_rows(rows))["runs"][0]
+    assert (run["at_scratch_end"]["method"], run["at_scratch_quarter"]["method"]) == (method, quarter_method)
+    assert run["at_scratch_end"]["saved_fraction"] == pytest.approx(saved, rel=1e-9)
+    assert run["at_scratch_quarter"]["saved_fraction"] == pytest.approx(quarter_saved, rel=1e-9)
+
+
+def test_saving_when_cpt_never_reaches_even_the_early_scratch_loss():
+    """CPT far behind: both figures come from the scratch curve, at the matching fraction of the CPT run."""
+    from t5x_cpt.scaling.tables import from_rows
+
+    tokens = np.geomspace(1e3, 1e5, 9)
+    rows = [{"N": 1e6, "D": d, "loss": 10 * d ** -0.2, "run_kind": "scratch", "run": "s"} for d in tokens]
+    rows += [{"N": 1e6, "D": d, "loss": 10 * (d / 10) ** -0.2, "run_kind": "cpt", "run": "c"} for d in tokens]
+    run = savings.savings(from_rows(rows))["runs"][0]
+    for key in ("at_scratch_end", "at_scratch_quarter"):
+        assert run[key]["method"] == "scratch_reaches_cpt"
+        assert run[key]["saved_fraction"] == pytest.approx(1 - 10, rel=1e-9)  # scratch needs a tenth

@@ -84,3 +84,32 @@ def test_law_from_params():
     assert laws.law_from_params(laws.PUBLISHED_CPT) is laws.CPT
     assert laws.law_from_params(laws.PUBLISHED_SCRATCH) is laws.CHINCHILLA
     assert laws.law_from_params({"law": "frontier", "A": 1, "g": 0.1}) is laws.FRONTIER
+
+
+def test_a_coefficient_run_off_to_infinity_is_reported_not_raised():
+    """Fits to two sizes can drive a log-coefficient past float64's range (seen on the mini
+    study's language sweep): the conversion gives inf, the fit warns, allocation refuses."""
+    from t5x_cpt.scaling import fitting
+
+    theta = {"a": 3123.0, "b": math.log(400.0), "e": math.log(1.5), "alpha": 3.0, "beta": 0.3}
+    natural = laws.CHINCHILLA.to_natural(theta)
+    assert natural["A"] == math.inf and natural["B"] == pytest.approx(400.0)
+    columns = {"N": np.array([3e5, 3e5, 1e6, 1e6]), "D": np.array([1e5, 6e5, 1e5, 6e5])}
+    warnings = fitting.diagnose(laws.CHINCHILLA, theta, columns, list(laws.CHINCHILLA.param_names), {})
+    assert any("A ran off to infinity" in w for w in warnings)
+    with pytest.raises(ScalingInputError, match="not finite"):
+        allocation.constants(natural)
+    # Finite parameters whose optimum over/underflows are refused too, not divided by zero.
+    with pytest.raises(ScalingInputError, match="no finite compute-optimal allocation"):
+        allocation.constants({"E": 1.0, "A": 1e-300, "alpha": 1e-3, "B": 1e300, "beta": 1e-3})
+
+
+def test_a_coefficient_that_underflowed_to_zero_drops_its_term_in_predictions():
+    """A fit whose E collapsed to exp(-1859) = 0.0 (the mini study's Russian sweep) still predicts
+    (plots, savings), but cannot be frozen into a two-stage fit."""
+    params = {"E": 0.0, "A": 20.0, "alpha": 0.3, "B": 400.0, "beta": 0.28}
+    n, d = np.array([1e6, 1e8]), np.array([1e7, 1e9])
+    np.testing.assert_allclose(laws.CHINCHILLA.predict(params, N=n, D=d),
+                               20.0 / n ** 0.3 + 400.0 / d ** 0.28, rtol=1e-13)
+    with pytest.raises(ScalingInputError, match="coefficient E must be positive"):
+        laws.CHINCHILLA.from_natural(params)

@@ -358,7 +358,10 @@ def test_language_comparison_sets_savings_against_distance(tmp_path):
     spec = sweep_spec.read_sweep([sweep])
     saved = {"fr": 0.6, "zh": -0.1}
     sections = {lang: {"scaling": {"savings": {"runs": [
-        {"run": f"cpt_{lang}_tiny", "N": 1000.0, "final": {"saved_fraction": saved[lang]}}]}}} for lang in saved}
+        {"run": f"cpt_{lang}_tiny", "N": 1000.0, "final": {"saved_fraction": 0.95},
+         "at_scratch_end": {"saved_fraction": saved[lang], "method": "cpt_reaches_scratch"},
+         **({"at_scratch_quarter": {"saved_fraction": 0.7, "method": "at_least"}} if lang == "fr" else {})}]}}}
+        for lang in saved}
     rows = [{"run": f"cpt_{lang}_tiny", "language": lang, "run_kind": "cpt", "loss0": 3.0 + len(lang)}
             for lang in saved]
     result = analyse.compare_languages(spec, sections, rows, str(tmp_path))
@@ -367,7 +370,98 @@ def test_language_comparison_sets_savings_against_distance(tmp_path):
     assert result["rank_correlation"] == {}  # two languages: no correlation to speak of
     written = json.loads((tmp_path / "languages.json").read_text())
     assert written["languages"]["zh"]["cpt_runs"][0] == {"run": "cpt_zh_tiny", "N": 1000.0, "saved_fraction": -0.1,
+                                                         "saved_method": "cpt_reaches_scratch",
+                                                         "saved_fraction_early": None, "saved_early_method": None,
                                                          "source_model_loss": 5.0}
+    assert written["languages"]["fr"]["cpt_runs"][0]["saved_fraction_early"] == 0.7
     text = "\n".join(report._languages_lines(result, spec, str(tmp_path)))
-    assert text.index("| fr |") < text.index("| zh |") and "-10.0%" in text and "60.0%" in text
+    assert text.index("| fr |") < text.index("| zh |") and "| n/a | -10.0% | CPT reached" in text and "| >= 70.0% | 60.0% |" in text
     assert os.path.exists(tmp_path / "languages.png")
+
+
+def test_replay_cost_compares_ratios_at_equal_target_and_equal_total_tokens(tmp_path):
+    """F5's 'replay is free at equal target compute': a loss that depends only on target tokens D
+    gives one value per ratio at equal D and the displaced tokens' cost at equal total tokens."""
+    from t5x_cpt.sweep import analyse, report
+
+    def loss(d):
+        return 5.0 - d / 10_000.0  # linear in D, so interpolation between evals is exact
+
+    rows = []
+    for ratio in (0.0, 0.5, 0.8):
+        for step in range(1, 11):
+            tokens = 1000.0 * step
+            d = tokens * (1 - ratio)
+            rows.append({"run": f"cpt_r{ratio}", "N": 5e5, "replay_ratio": ratio, "D": d, "tokens": tokens,
+                         "flops": 6 * 5e5 * tokens, "loss": loss(d), "loss0": 5.0})
+    # A second size with a single ratio has nothing to compare and is left out.
+    rows.append({"run": "cpt_other", "N": 1e6, "replay_ratio": 0.0, "D": 10.0, "tokens": 10.0, "flops": 1.0,
+                 "loss": 4.0, "loss0": 5.0})
+    result = analyse.replay_at_equal_compute(rows, str(tmp_path / "replay.png"))
+    assert list(result["sizes"]) == ["500000"]
+    size = result["sizes"]["500000"]
+    assert size["equal_target_tokens"] == pytest.approx(2000.0) and size["equal_total_tokens"] == 10_000.0
+    for ratio, entry in size["by_replay_ratio"].items():
+        assert entry["loss_at_equal_target_tokens"] == pytest.approx(loss(2000.0))
+        assert entry["loss_at_equal_total_tokens"] == pytest.approx(loss(10_000.0 * (1 - float(ratio))))
+        # Replay cost nothing per target token: the 0% run at the same D has the same loss.
+        assert entry["base_loss_at_final_target_tokens"] == pytest.approx(loss(10_000.0 * (1 - float(ratio))))
+        assert entry["final_minus_base"] == pytest.approx(0.0, abs=1e-12)
+    assert size["spread_at_equal_target_tokens"] == pytest.approx(0.0, abs=1e-12)
+    assert size["spread_at_equal_total_tokens"] == pytest.approx(0.8)
+    # Between evaluations, and before the first one (the step-0 loss is the point at 0 tokens).
+    early = analyse.replay_at_equal_compute([r for r in rows if r["run"] != "cpt_r0.8" and r["tokens"] != 1000.0
+                                             or r["run"] == "cpt_r0.8" and r["tokens"] == 1000.0])
+    assert early["sizes"]["500000"]["equal_target_tokens"] == pytest.approx(200.0)
+    assert early["sizes"]["500000"]["by_replay_ratio"]["0"]["loss_at_equal_target_tokens"] == pytest.approx(loss(200.0))
+    text = "\n".join(report._replay_cost_lines(result, str(tmp_path)))
+    assert "| 0 | 4.8 | 4 | 4 | 1e+04 | 4 | 0 |" in text and "| 0.8 | 4.8 | 4.8 | 4.8 | 2000 | 4.8 | 0 |" in text and os.path.exists(tmp_path / "replay.png")
+
+
+def _law_free_saving() -> dict:
+    """savings.saving_at_scratch_point's entry for a CPT run that is a scratch run at twice its tokens."""
+    from t5x_cpt.scaling import savings
+    from t5x_cpt.scaling.tables import from_rows
+
+    rows = [{"N": 1e6, "D": d, "loss": 10 * (shift * d) ** -0.2, "run_kind": kind, "run": kind}
+            for kind, shift in (("scratch", 1.0), ("cpt", 2.0)) for d in (1e3, 1e4, 1e5)]
+    return savings.savings(from_rows(rows))["runs"][0]["at_scratch_end"]
+
+
+def test_scaling_section_shows_table_3_and_allocation_intervals():
+    """F2 and F3 read off report.md: both laws' in-sample and held-out errors, and the bootstrap
+    intervals of the allocation exponents."""
+    from t5x_cpt.sweep import report
+
+    result = {
+        "scratch_fit": {"E": 1.0, "bootstrap": {"level": 0.9, "n": 180, "intervals": {"a": [0.41, 0.62],
+                                                                                       "b": [0.38, 0.59]}}},
+        "allocation": {"scratch": {"N_opt_formula": "N_opt = 0.1 * C^0.5", "D_opt_formula": "D_opt = 1.6 * C^0.5"},
+                       "cpt": {"error": "beta >= alpha"}},
+        "compare": {"holdout": 1, "verdict": {"cpt": "lowest extrapolation error on the held-out largest sizes: x"},
+                    "fit_errors": {"cpt": {"chinchilla": {"rms_log_residual": 0.031, "huber_mean": 2e-4},
+                                           "cpt_law_two_stage": {"rms_log_residual": 0.012, "huber_mean": 5e-5}}},
+                    "extrapolation": {"cpt": {"held_out_sizes": [4e6],
+                                              "chinchilla": {"mean_abs_rel_error": 0.05, "rms_log_residual": 0.06},
+                                              "cpt_law_two_stage": {"mean_abs_rel_error": 0.02,
+                                                                    "rms_log_residual": 0.025}}}},
+    }
+    result["savings"] = {"runs": [{"run": "cpt_zh_d64", "final": {"saved_fraction": 0.2, "transferred_tokens": 5e4,
+                                                                 "D": 6e5},
+                                   "along": [{"D": 5e4, "saved_fraction": 0.5, "method": "interpolated"},
+                                             {"D": 1e5, "saved_fraction": None, "method": "out_of_range"},
+                                             {"D": 6e5, "saved_fraction": 0.2, "method": "law"}],
+                                   "at_scratch_end": _law_free_saving(),
+                                   "transferred_vs_tokens": {"slope": 0.05, "r2": 0.9}}]}
+    text = "\n".join(report._scaling_lines(result, "/nonexistent"))
+    assert ("  - cpt_zh_d64: saved 50.0% at the scratch run's final loss 1 (CPT reached scratch's loss; "
+            "no law involved)") in text
+    assert ("  - cpt_zh_d64: saved 0.2 of the compute, 5e+04 tokens transferred at D = 6e+05; along training saved "
+            "0.5, 0.2 (D = 5e+04 to 6e+05; points past the scratch run's final loss from the scratch law); "
+            "transferred tokens against D: slope 0.05, R^2 0.9") in text
+    assert ("- allocation (scratch): N_opt = 0.1 * C^0.5, D_opt = 1.6 * C^0.5; 90% bootstrap intervals over runs "
+            "(180 replicates): a in [0.41, 0.62], b in [0.38, 0.59]") in text
+    assert "- allocation (cpt): beta >= alpha" in text
+    assert "| cpt | chinchilla | 0.031 | 0.0002 | 0.05 | 0.06 |" in text
+    assert "| cpt | cpt_law_two_stage | 0.012 | 5e-05 | 0.02 | 0.025 |" in text
+    assert "- cpt runs: lowest extrapolation error" in text

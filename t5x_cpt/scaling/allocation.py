@@ -68,6 +68,9 @@ def constants(params: Mapping[str, float]) -> dict[str, float]:
     a = beta / s
     b = (alpha - gamma) / s
     k6 = FLOPS_PER_PARAM_TOKEN
+    if not 0 < G < math.inf or not all(math.isfinite(x) for x in (a, b, k6 ** -a, k6 ** -b)):
+        raise ScalingInputError(f"no finite compute-optimal allocation from these parameters (G = {G:g}, "
+                                f"a = {a:g}, b = {b:g}): a degenerate fit")
     return {"G": G, "a": a, "b": b, "k_N": G * k6 ** -a, "k_D": k6 ** -b / G,
             "law": name}
 

@@ -39,7 +39,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from t5x_cpt.scaling import lbfgs
-from t5x_cpt.scaling.laws import PowerLaw, natural_name
+from t5x_cpt.scaling.laws import MAX_LOG_COEF, PowerLaw, natural_name
 from t5x_cpt.scaling.tables import ScalingInputError
 
 HUBER_DELTA = 1e-3
@@ -452,6 +452,10 @@ def diagnose(law: PowerLaw, log_params: Mapping[str, float], columns, free: Sequ
              bounds: Mapping[str, tuple[float, float]]) -> list[str]:
     """Warnings about a fitted point: bounds, flat directions, implausible signs."""
     out = []
+    for p in law.coef_names:
+        if p in log_params and log_params[p] >= MAX_LOG_COEF:
+            out.append(f"{natural_name(p)} ran off to infinity (log {natural_name(p)} = {log_params[p]:.4g}): "
+                       "the data do not constrain it (too few sizes or budgets for this law?)")
     for p in free:
         if p in bounds:
             lo_b, hi_b = bounds[p]

@@ -103,12 +103,15 @@ class PowerLaw:
     # ---- conversions between log-space vectors and natural dicts -------------------------
     def to_natural(self, theta: Mapping[str, float]) -> dict[str, float]:
         """Log-space dict (e, a, alpha, ...) -> natural dict (E, A, alpha, ...)."""
-        return {natural_name(k): (math.exp(v) if k in self.coef_names else float(v))
+        return {natural_name(k): (_exp_or_inf(v) if k in self.coef_names else float(v))
                 for k, v in theta.items() if k in self.param_names}
 
-    def from_natural(self, params: Mapping[str, float], names: Sequence[str] | None = None) -> dict[str, float]:
+    def from_natural(self, params: Mapping[str, float], names: Sequence[str] | None = None, *,
+                     allow_zero: bool = False) -> dict[str, float]:
         """Natural dict (E, A, alpha, ...) -> log-space dict of `names` (default: all parameters);
-        a missing value or a non-positive coefficient raises ScalingInputError."""
+        a missing value or a non-positive coefficient raises ScalingInputError. With `allow_zero`
+        (prediction only) a coefficient of 0 — a fitted term that underflowed — becomes log 0 = -inf,
+        which drops the term exactly."""
         out = {}
         for k in (self.param_names if names is None else names):
             nat = natural_name(k)
@@ -116,9 +119,12 @@ class PowerLaw:
                 raise ScalingInputError(f"law {self.name!r} needs parameter {nat!r}; got {sorted(params)}")
             v = float(params[nat])
             if k in self.coef_names:
-                if not v > 0:
+                if allow_zero and v == 0.0:
+                    v = -math.inf
+                elif not v > 0:
                     raise ScalingInputError(f"coefficient {nat} must be positive, got {v}")
-                v = math.log(v)
+                else:
+                    v = math.log(v)
             out[k] = v
         return out
 
@@ -137,7 +143,7 @@ class PowerLaw:
         missing = [v for v in self.variables if v not in cols]
         if missing:
             raise KeyError(f"law {self.name!r} needs inputs {missing}")
-        return np.exp(self.log_predict(self.from_natural(params), cols))
+        return np.exp(self.log_predict(self.from_natural(params, allow_zero=True), cols))
 
     def _log_term(self, term: Term, theta, columns) -> np.ndarray:
         x = np.asarray(theta[term.coef], dtype=float) if term.coef else np.zeros(())
@@ -158,6 +164,16 @@ class PowerLaw:
         axes = [np.asarray(grid[p], dtype=float) for p in names]
         mesh = np.meshgrid(*axes, indexing="ij")
         return names, np.stack([m.ravel() for m in mesh], axis=1)
+
+
+# The largest log-coefficient whose exponential is a finite float64.
+MAX_LOG_COEF = math.log(np.finfo(np.float64).max)
+
+
+def _exp_or_inf(log_value: float) -> float:
+    """exp(log_value), inf past float64's range: a fit the data do not constrain can run a
+    coefficient off to infinity, and that must be reported (fitting.diagnose), not crash."""
+    return math.exp(log_value) if log_value < MAX_LOG_COEF else math.inf
 
 
 def natural_name(log_name: str) -> str:

@@ -45,25 +45,28 @@ def build(args, budgets: list[float]) -> dict:
         log.info("fitting the Chinchilla law to %d scratch points", len(t))
         scratch = procedures.fit_table(laws.CHINCHILLA, t, grid=args.grid, workers=args.workers)
         if args.bootstrap:
-            procedures.attach_bootstrap(scratch, t, procedures.coarse_refit(laws.CHINCHILLA, scratch),
-                                        n=args.bootstrap, seed=args.seed, level=args.level,
-                                        budgets=budgets)
+            _bootstrap_or_note(out, "scratch_fit", lambda: procedures.attach_bootstrap(
+                scratch, t, procedures.coarse_refit(laws.CHINCHILLA, scratch), n=args.bootstrap, seed=args.seed,
+                level=args.level, budgets=budgets))
         out["scratch_fit"] = scratch.to_json()
     if "cpt" in kinds:
         t = table.filter(run_kind="cpt")
         log.info("fitting the CPT law to %d cpt points", len(t))
         unfrozen = procedures.fit_table(laws.CPT, t, grid=args.grid, workers=args.workers)
         out["cpt_fit_unfrozen"] = unfrozen.to_json()
+        cpt = unfrozen
         if scratch is not None:
-            cpt = procedures.fit_cpt_two_stage(t, scratch.params, grid=args.grid, workers=args.workers)
-            if args.bootstrap:
+            try:
+                cpt = procedures.fit_cpt_two_stage(t, scratch.params, grid=args.grid, workers=args.workers)
+            except ScalingInputError as e:  # e.g. the scratch fit's E collapsed to 0: nothing to freeze
+                out["cpt_fit_error"] = f"no two-stage CPT fit ({e}); cpt_fit is the fit with every parameter free"
+        if scratch is not None and "cpt_fit_error" not in out and args.bootstrap:
+            def attach_cpt_bootstrap():
                 provider = procedures.scratch_sample_provider(out["scratch_fit"])
-                refit = procedures.coarse_refit(laws.CPT, cpt, frozen_for=provider,
-                                                freeze=procedures.CPT_FROZEN)
-                procedures.attach_bootstrap(cpt, t, refit, n=args.bootstrap, seed=args.seed + 1,
-                                            level=args.level, budgets=budgets)
-        else:
-            cpt = unfrozen
+                refit = procedures.coarse_refit(laws.CPT, cpt, frozen_for=provider, freeze=procedures.CPT_FROZEN)
+                procedures.attach_bootstrap(cpt, t, refit, n=args.bootstrap, seed=args.seed + 1, level=args.level,
+                                            budgets=budgets)
+            _bootstrap_or_note(out, "cpt_fit", attach_cpt_bootstrap)
         out["cpt_fit"] = cpt.to_json()
     out["allocation"] = {}
     for name, fit in (("scratch", scratch), ("cpt", cpt)):
@@ -85,11 +88,17 @@ def build(args, budgets: list[float]) -> dict:
     except ScalingInputError as e:
         out["compare"] = {"error": str(e)}
     sav = None
-    if scratch is not None and cpt is not None:
-        sav = savings.savings(table, scratch_params=scratch.params)
+    if "scratch" in kinds and "cpt" in kinds:
+        # Read off the runs; the scratch law only places CPT losses beyond the scratch run's range.
+        sav = savings.savings(table, scratch_params=scratch.params if scratch is not None else None)
+        # Each run's points cut to what the savings are read from (the saving along training).
         out["savings"] = {"summary": sav["summary"], "compute": sav["compute"],
-                          "runs": [{k: v for k, v in r.items() if k != "points"} for r in sav["runs"]]}
+                          "runs": [{**{k: v for k, v in r.items() if k != "points"},
+                                    "along": [{k: p[k] for k in ("D", "saved_fraction", "transferred_tokens", "method")}
+                                              for p in r.get("points", [])]} for r in sav["runs"]]}
         try:
+            if scratch is None or cpt is None:
+                raise ScalingInputError("plans need both a scratch fit and a CPT fit")
             out["plans"] = [planner.plan(out["scratch_fit"], out["cpt_fit"], c) for c in budgets]
         except ScalingInputError as e:
             out["plans"] = {"error": str(e)}
@@ -122,6 +131,14 @@ def build(args, budgets: list[float]) -> dict:
                                                 os.path.join(d, "scaling_forgetting.png")))
         out["plots"] = [os.path.abspath(f) for f in figs]
     return out
+
+
+def _bootstrap_or_note(out: dict, fit_name: str, attach) -> None:
+    """Run `attach` (a bootstrap); if the replicates cannot be fitted, say so instead of failing the report."""
+    try:
+        attach()
+    except ScalingInputError as e:
+        out[f"{fit_name}_bootstrap_error"] = str(e)
 
 
 def _checks(scratch, cpt, out) -> dict:

@@ -8,6 +8,10 @@ the inverse ambiguous). Then
     saved fraction        1 - C_cpt / C_scratch   (= 1 - D_cpt / D_scratch with C = 6 N D)
     transferred tokens    D_scratch - D_cpt       (the paper's "effectively transferred data")
 
+and, per CPT run, `at_scratch_end` and `at_scratch_quarter`: the saving at the scratch run's final
+loss and at its loss a quarter into its tokens, read off the two curves without a law
+(saving_at_scratch_point) — the robust figures when the scratch fit is weak.
+
 Compute convention: C = 6 N D with D the *target-language* tokens, as the paper ("CPT compute
 counts the target-language tokens only"); with `compute="flops"` the trainer-logged FLOPs are used
 instead (scaled by 1 - replay_ratio for CPT runs so replayed source tokens are not counted).
@@ -102,6 +106,9 @@ def savings(table: Table, *, scratch_params: Mapping[str, float] | None = None,
         for i in rows:
             points.append(_point(table, i, comp[i], n, curve, scratch_params))
         entry["points"] = points
+        if curve is not None:
+            entry["at_scratch_end"] = saving_at_scratch_point(table, s_rows, rows, comp)
+            entry["at_scratch_quarter"] = saving_at_scratch_point(table, s_rows, rows, comp, fraction=0.25)
         good = [p for p in points if p["saved_fraction"] is not None]
         if good:
             last = good[-1]
@@ -126,6 +133,42 @@ def savings(table: Table, *, scratch_params: Mapping[str, float] | None = None,
             "final_saved_fraction": {"min": min(finals), "max": max(finals)} if finals else None,
         },
     }
+
+
+def saving_at_scratch_point(table: Table, scratch_rows: np.ndarray, cpt_rows: np.ndarray,
+                            compute: np.ndarray, fraction: float = 1.0) -> dict:
+    """The saving read off the two runs without any law: the compute CPT needed to reach the
+    scratch run's loss at `fraction` of its tokens (its first evaluation at or past it; 1 = its
+    final loss, what the demo reports) against the scratch run's compute there.
+
+    When the CPT run never gets there, the other way round at the same fraction of the CPT run:
+    the compute the scratch run needed to reach that CPT loss against the CPT run's compute (a
+    negative saving). Curves are interpolated linearly in log compute against log loss between
+    evaluations, on their decreasing envelopes; where the goal lies before a curve's first
+    evaluation, that evaluation bounds the saving ("at_least" / "at_most").
+    """
+    def at_fraction(rows):
+        rows = rows[np.argsort(table["D"][rows])]
+        d = table["D"][rows]
+        k = rows[int(np.argmax(d >= fraction * d[-1] * (1 - 1e-12)))]
+        return float(table["loss"][k]), float(compute[k])
+
+    def compute_to_reach(rows, goal):
+        _, loss, c = _curve(table, rows, compute)
+        if loss[0] <= goal:
+            return float(c[0]), True
+        return float(np.exp(np.interp(-math.log(goal), -np.log(loss), np.log(c)))), False
+
+    goal, c_scratch = at_fraction(scratch_rows)
+    out = {"fraction": fraction, "scratch_loss": goal, "C_scratch": c_scratch}
+    if float(np.min(table["loss"][cpt_rows])) <= goal:
+        c_cpt, bound = compute_to_reach(cpt_rows, goal)
+        return {**out, "C_cpt": c_cpt, "saved_fraction": 1.0 - c_cpt / c_scratch,
+                "method": "at_least" if bound else "cpt_reaches_scratch"}
+    cpt_loss, c_cpt = at_fraction(cpt_rows)
+    c_scratch, bound = compute_to_reach(scratch_rows, cpt_loss)
+    return {**out, "cpt_loss": cpt_loss, "C_cpt": c_cpt, "C_scratch": c_scratch,
+            "saved_fraction": 1.0 - c_cpt / c_scratch, "method": "at_most" if bound else "scratch_reaches_cpt"}
 
 
 def _point(table: Table, i: int, c_cpt: float, n: float, curve, scratch_params) -> dict:

@@ -17,6 +17,9 @@ in the working directory when OUTPUT_DIR is a bucket):
                          project's laws on a held-out replay ratio, and the replay ratio each pair of
                          laws recommends at the runs' size and budget (t5x_cpt.scaling.mixture)
     <lang>/curves.png    every run's target loss against training FLOPs, and the CPT runs' source loss
+    <lang>/replay_cost.json, replay.png   (CPT runs at several replay ratios) each ratio's target loss at
+                         equal target-language tokens and at equal total tokens: is replay free for the
+                         target language when compute is counted per language?
     languages.json, languages.png   (analysis 'languages') per target language its distance from the
                          source language (t5x_cpt.data.distance, in bytes) against the compute its CPT runs
                          saved at each size, and the rank correlation of the two
@@ -134,8 +137,11 @@ def analyse(spec: SweepSpec, runs: Sequence[ConfiguredRun], analysis_dir: str, c
         forget_rows = [r for r in source_rows if r["language"] == language and not r["variant"]]
         if "forgetting" in spec.analyses and "cpt" in spec.run_kinds:
             section["forgetting"] = _run_forgetting(forget_rows, directory, section["errors"])
+        cpt_rows = [r for r in mine if r["run_kind"] == "cpt" and not r["variant"]]
+        if len({r["replay_ratio"] for r in cpt_rows}) > 1:
+            section["replay_cost"] = replay_at_equal_compute(cpt_rows, os.path.join(directory, "replay.png"))
+            _write_json(os.path.join(directory, "replay_cost.json"), section["replay_cost"])
         if "mixture" in spec.analyses and "cpt" in spec.run_kinds:
-            cpt_rows = [r for r in mine if r["run_kind"] == "cpt" and not r["variant"]]
             section["mixture"] = _run_mixture(cpt_rows, forget_rows, directory, spec, section["errors"],
                                               forgetting_fit=section["forgetting"])
         sections[language] = section
@@ -203,9 +209,10 @@ def compare_languages(spec: SweepSpec, sections: Mapping[str, dict], target_rows
     """Finding F4 of docs/study.md: each language's CPT saving against its distance from the source.
 
     Distances are measured in bytes (the mini study's vocabulary) on the corpus of the target tasks
-    (`<corpus>_<lang>`); savings are the final saved fraction of each CPT run at the base replay ratio
-    against the scratch run of its size (the per-language scaling analysis); loss0 is the source
-    model's loss on the language before CPT.
+    (`<corpus>_<lang>`); a saving is read off the curves of each CPT run at the base replay ratio and
+    the scratch run of its size, without a law (savings.saving_at_scratch_point: the compute CPT needed
+    to reach scratch's loss a quarter into its run and at its end) — with two or three sizes a scratch law is too weak to place
+    losses beyond the scratch run; loss0 is the source model's loss on the language before CPT.
     """
     from scipy.stats import spearmanr
 
@@ -220,7 +227,11 @@ def compare_languages(spec: SweepSpec, sections: Mapping[str, dict], target_rows
         start = {r["run"]: r["loss0"] for r in target_rows if r["language"] == language and r["run_kind"] == "cpt"}
         out["languages"][language] = {
             **measures[language],
-            "cpt_runs": [{"run": r["run"], "N": r["N"], "saved_fraction": (r.get("final") or {}).get("saved_fraction"),
+            "cpt_runs": [{"run": r["run"], "N": r["N"],
+                          "saved_fraction": (r.get("at_scratch_end") or {}).get("saved_fraction"),
+                          "saved_method": (r.get("at_scratch_end") or {}).get("method"),
+                          "saved_fraction_early": (r.get("at_scratch_quarter") or {}).get("saved_fraction"),
+                          "saved_early_method": (r.get("at_scratch_quarter") or {}).get("method"),
                           "source_model_loss": start.get(r["run"])} for r in savings],
         }
     sizes = sorted({run["N"] for entry in out["languages"].values() for run in entry["cpt_runs"]})
@@ -254,7 +265,7 @@ def _plot_languages(result: Mapping, path: str) -> str | None:
         ax.annotate(language, (distance_from_source, saved), fontsize=8)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("share of target byte bigrams never seen in English training text")
-    ax.set_ylabel("compute saved by CPT at the end (%)")
+    ax.set_ylabel("compute saved by CPT at scratch's final loss (%)")
     ax.set_title("Transfer against distance (colour: model size, smallest first)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -330,6 +341,97 @@ def _run_mixture(target_rows: list[dict], source_rows: list[dict], directory: st
             out["recommendations"][name] = {"error": one_line(e)}
     out["observed"] = observed_replay_needed(source_rows, spec.replay_tolerance)
     return _write_json(os.path.join(directory, "mixture.json"), out)
+
+
+def replay_at_equal_compute(cpt_rows: Sequence[Mapping], plot_path: str | None = None) -> dict:
+    """Is replay free for the target language? (arXiv 2407.02118, Sec. 5 and Fig. 5.)
+
+    Per model size, each replay ratio's target loss interpolated (linearly in tokens, the step-0
+    loss as the point at 0) at the largest target-token count D every ratio reached, and at the
+    largest total-token count every ratio reached; and each ratio's final loss against the
+    smallest ratio's run at the same target tokens (what replay cost per target token; that run is
+    mid-schedule there, so its learning rate has not decayed yet). The paper finds the target
+    curves coincide at equal target-language compute, so the spread across ratios should be small
+    there and large at equal total compute (where replay displaces target tokens). At one size,
+    target-language compute is proportional to D.
+    """
+    import numpy as np
+
+    by_run: dict[str, list] = {}
+    for row in cpt_rows:
+        points = by_run.setdefault(row["run"], [])
+        points.append((float(row["D"]), float(row["tokens"]), float(row["loss"]), float(row["flops"])))
+        loss0 = row.get("loss0")
+        if loss0 is not None and math.isfinite(float(loss0)) and not any(p[0] == 0.0 for p in points):
+            points.append((0.0, 0.0, float(loss0), 0.0))
+    key = {row["run"]: (float(row["N"]), float(row["replay_ratio"])) for row in cpt_rows}
+    # (N, ratio) -> points of its run; where budgets differ, the longest run.
+    curves: dict[float, dict[float, list]] = {}
+    for run, points in sorted(by_run.items(), key=lambda kv: max(p[1] for p in kv[1])):
+        n, ratio = key[run]
+        curves.setdefault(n, {})[ratio] = points
+    out: dict[str, Any] = {"sizes": {}}
+    for n, by_ratio in sorted(curves.items()):
+        if len(by_ratio) < 2:
+            continue
+        for points in by_ratio.values():
+            points.sort()
+        at_target = min(max(p[0] for p in points) for points in by_ratio.values())
+        at_total = min(max(p[1] for p in points) for points in by_ratio.values())
+        table = {}
+        base_ratio = min(by_ratio)
+        base_tokens, base_losses = (np.array([p[i] for p in by_ratio[base_ratio]]) for i in (0, 2))
+        for ratio, points in sorted(by_ratio.items()):
+            target_tokens, total_tokens, losses = (np.array([p[i] for p in points]) for i in range(3))
+            order = np.argsort(total_tokens)
+            # The base ratio's run at this run's final target tokens: what replay cost per target token.
+            base_there = float(np.interp(target_tokens[-1], base_tokens, base_losses))
+            table[f"{ratio:g}"] = {
+                "loss_at_equal_target_tokens": float(np.interp(at_target, target_tokens, losses)),
+                "loss_at_equal_total_tokens": float(np.interp(at_total, total_tokens[order], losses[order])),
+                "final_loss": float(losses[-1]), "final_target_tokens": float(target_tokens[-1]),
+                "base_loss_at_final_target_tokens": base_there, "final_minus_base": float(losses[-1]) - base_there}
+        spread = {key: float(np.ptp([v[key] for v in table.values()]))
+                  for key in ("loss_at_equal_target_tokens", "loss_at_equal_total_tokens")}
+        out["sizes"][f"{n:g}"] = {"equal_target_tokens": at_target, "equal_total_tokens": at_total,
+                                  "base_replay_ratio": base_ratio,
+                                  "by_replay_ratio": table,
+                                  "spread_at_equal_target_tokens": spread["loss_at_equal_target_tokens"],
+                                  "spread_at_equal_total_tokens": spread["loss_at_equal_total_tokens"]}
+    if plot_path and out["sizes"]:
+        out["plot"] = _plot_replay(curves, plot_path)
+    return out
+
+
+def _plot_replay(curves: Mapping[float, Mapping[float, list]], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [n for n, by_ratio in sorted(curves.items()) if len(by_ratio) > 1]
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(12, 4.4 * len(sizes)), squeeze=False)
+    colours = plt.get_cmap("plasma")
+    for row_axes, n in zip(axes, sizes):
+        ratios = sorted(curves[n])
+        for i, ratio in enumerate(ratios):
+            points = [p for p in curves[n][ratio] if p[0] > 0]
+            colour = colours(0.85 * i / max(1, len(ratios) - 1))
+            # Per-language compute: the run's FLOPs times the target share of its tokens.
+            row_axes[0].plot([p[3] * p[0] / p[1] for p in points], [p[2] for p in points], "-", marker=".",
+                             color=colour, label=f"replay {100 * ratio:g}%")
+            row_axes[1].plot([p[3] for p in points], [p[2] for p in points], "-", marker=".", color=colour,
+                             label=f"replay {100 * ratio:g}%")
+        for axis, xlabel in zip(row_axes, ("target-language training FLOPs", "total training FLOPs")):
+            axis.set_xscale("log")
+            axis.set_xlabel(xlabel)
+            axis.set_ylabel("target-language validation loss")
+            axis.set_title(f"N = {n:,.0f}")
+            axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _write_json(path: str, obj: dict) -> dict:
