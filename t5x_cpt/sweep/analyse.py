@@ -210,9 +210,10 @@ def compare_languages(spec: SweepSpec, sections: Mapping[str, dict], target_rows
 
     Distances are measured in bytes (the mini study's vocabulary) on the corpus of the target tasks
     (`<corpus>_<lang>`); a saving is read off the curves of each CPT run at the base replay ratio and
-    the scratch run of its size, without a law (savings.saving_at_scratch_point: the compute CPT needed
-    to reach scratch's loss a quarter into its run and at its end) — with two or three sizes a scratch law is too weak to place
-    losses beyond the scratch run; loss0 is the source model's loss on the language before CPT.
+    the scratch run of its size, without a law (savings.saving_at_scratch_point: the compute CPT
+    needed to reach scratch's loss a quarter into its run and at its end) — with two or three sizes
+    a scratch law is too weak to place losses beyond the scratch run; loss0 is the source model's
+    loss on the language before CPT.
     """
     from scipy.stats import spearmanr
 
