@@ -113,10 +113,9 @@ def summarise(output_dir: str, targets: list[str], replay_ratio: float) -> dict:
 
 
 def plot(output_dir: str, targets: list[str], replay_ratio: float, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from t5x_cpt.scaling.plots import pyplot, save_figure
 
+    plt = pyplot()
     replay_name = f"replay{int(round(100 * replay_ratio))}"
     fig, axes = plt.subplots(2, len(targets), figsize=(5.5 * len(targets), 8), squeeze=False)
     styles = {"scratch": ("scratch", "tab:gray", "--"), "replay0": ("CPT, no replay", "tab:blue", "-"),
@@ -142,8 +141,7 @@ def plot(output_dir: str, targets: list[str], replay_ratio: float, path: str) ->
         bottom.set_ylabel("loss (nats/token)")
         bottom.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_report(output_dir: str, targets: list[str], replay_ratio: float, elapsed: float) -> str:

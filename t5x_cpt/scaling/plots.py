@@ -20,24 +20,27 @@ from t5x_cpt.scaling import allocation, forgetting, laws
 from t5x_cpt.scaling.tables import Table
 
 
-def _pyplot():
-    # Imported on first use: matplotlib is slow to import and only the plotting commands need it.
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (every figure of the project goes to a file).
+
+    Imported on first use: matplotlib is slow to import and only the plotting code needs it."""
     import matplotlib
     matplotlib.use("Agg")          # files only; never needs a display
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str, dpi: int = 120) -> str:
+    """Write `fig` to `path` (creating its directory) and close it; returns `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
     return path
 
 
 def loss_vs_compute(table: Table, fits: Mapping[str, Mapping[str, float]], path: str) -> str:
     """Loss vs compute per run and run kind, with each run kind's fitted law (natural params)."""
-    plt = _pyplot()
+    plt = pyplot()
     kinds = table.run_kinds() or [""]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), squeeze=False)
     sizes = np.unique(table["N"])
@@ -67,13 +70,13 @@ def loss_vs_compute(table: Table, fits: Mapping[str, Mapping[str, float]], path:
         ax.set_title(f"{kind or 'runs'}: points = runs, lines = fitted law")
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(np.log10(sizes.min()), np.log10(sizes.max())))
     fig.colorbar(sm, ax=axes[0].tolist(), label="log10 N")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def isoloss(params: Mapping[str, float], path: str, *, table: Table | None = None,
             flops_range: tuple[float, float] | None = None, title: str = "") -> str:
     """IsoLoss contours over (C, N) of a chinchilla/cpt law, its efficient frontier and the runs."""
-    plt = _pyplot()
+    plt = pyplot()
     if flops_range is None:
         if table is not None:
             c = table.compute()
@@ -103,12 +106,12 @@ def isoloss(params: Mapping[str, float], path: str, *, table: Table | None = Non
     c = allocation.constants(params)
     ax.set_title(title or f"{c['law']}: N_opt = {c['k_N']:.3g} C^{c['a']:.3f}")
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def savings(result: Mapping, path: str) -> str:
     """Saved fraction and transferred tokens along each CPT run (from savings.savings)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for run in result["runs"]:
         pts = [p for p in run.get("points", []) if p["saved_fraction"] is not None]
@@ -129,12 +132,12 @@ def savings(result: Mapping, path: str) -> str:
     a2.set_ylabel("D_scratch - D_cpt (tokens)")
     a2.set_title("effectively transferred data")
     a1.legend(fontsize=6)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def forgetting_curves(table: Table, fit_json: Mapping | None, path: str) -> str:
     """Source-language loss vs target compute, one colour per replay ratio, fitted law dashed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     r = table["replay_ratio"] if table.has("replay_ratio") else np.zeros(len(table))
     ratios = sorted(set(r.tolist()))
@@ -160,4 +163,4 @@ def forgetting_curves(table: Table, fit_json: Mapping | None, path: str) -> str:
     ax.set_ylabel("source-language validation loss")
     ax.set_title("forgetting: points = runs, dashed = fitted law")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

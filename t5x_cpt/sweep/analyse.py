@@ -249,10 +249,9 @@ def compare_languages(spec: SweepSpec, sections: Mapping[str, dict], target_rows
 
 
 def _plot_languages(result: Mapping, path: str) -> str | None:
-    import matplotlib
+    from t5x_cpt.scaling.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     points = [(language, entry["unseen_bigram_share"], run["N"], 100 * run["saved_fraction"])
               for language, entry in result["languages"].items() for run in entry["cpt_runs"]
@@ -269,9 +268,7 @@ def _plot_languages(result: Mapping, path: str) -> str | None:
     ax.set_ylabel("compute saved by CPT at scratch's final loss (%)")
     ax.set_title("Transfer against distance (colour: model size, smallest first)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def held_out_ratio(spec: SweepSpec) -> float | None:
@@ -405,10 +402,9 @@ def replay_at_equal_compute(cpt_rows: Sequence[Mapping], plot_path: str | None =
 
 
 def _plot_replay(curves: Mapping[float, Mapping[float, list]], path: str) -> str:
-    import matplotlib
+    from t5x_cpt.scaling.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sizes = [n for n, by_ratio in sorted(curves.items()) if len(by_ratio) > 1]
     fig, axes = plt.subplots(len(sizes), 2, figsize=(12, 4.4 * len(sizes)), squeeze=False)
@@ -430,9 +426,7 @@ def _plot_replay(curves: Mapping[float, Mapping[float, list]], path: str) -> str
             axis.set_title(f"N = {n:,.0f}")
             axis.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _write_json(path: str, obj: dict) -> dict:
@@ -463,10 +457,9 @@ def eval_curve(model_dir: str, key: str) -> list[tuple[float, float]]:
 
 
 def _plot_curves(runs: Sequence[ConfiguredRun], task: str, source_task: str | None, path: str) -> str:
-    import matplotlib
+    from t5x_cpt.scaling.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cpt_runs = [r for r in runs if r.run.is_cpt]
     columns = 2 if cpt_runs and source_task else 1
@@ -500,9 +493,7 @@ def _plot_curves(runs: Sequence[ConfiguredRun], task: str, source_task: str | No
         axes[0][1].set_title("source language during CPT (forgetting)")
         axes[0][1].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def final_loss(model_dir: str, key: str) -> float | None:
