@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -29,6 +28,8 @@ from t5x_cpt.errors import USAGE_EXIT_CODE, UserInputError, one_line
 
 SOURCE_LANGUAGE = "en"
 TASK = "lo_help_{}"
+# Where `make mini-study` commits its per-language analyses (docs/results/mini_study.md).
+MINI_STUDY_ANALYSES = os.path.join(gin_cli.REPO_ROOT, "docs", "results", "mini_study")
 LANGUAGE_NAMES = {"zh": "Chinese", "fr": "French", "en": "English", "de": "German", "ru": "Russian",
                   "es": "Spanish", "ja": "Japanese", "ko": "Korean"}
 
@@ -73,38 +74,39 @@ def eval_curve(model_dir: str, task: str) -> list[tuple[float, float]]:
     return [(r["flops"], r[key]) for r in run_dir.read_metrics(model_dir) if key in r]
 
 
-def flops_to_reach(curve: list[tuple[float, float]], target_loss: float) -> float | None:
-    """First FLOPs at which a loss curve reaches `target_loss`, interpolated linearly in log FLOPs."""
-    if curve and curve[0][1] <= target_loss:
-        return curve[0][0]
-    for (f0, l0), (f1, l1) in zip(curve, curve[1:]):
-        if l1 <= target_loss:
-            t = (l0 - target_loss) / (l0 - l1)
-            if f0 <= 0:  # the step-0 point: no log scale below the first trained step
-                return f0 + t * (f1 - f0)
-            return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0)))
-    return None
+def saving(scratch: list[tuple[float, float]], cpt: list[tuple[float, float]]) -> dict:
+    """The study's law-free saving at scratch's final loss (savings.saving_at_scratch_point) from
+    two (FLOPs, loss) curves; the step-0 points are left out (no log scale at zero compute)."""
+    from t5x_cpt.scaling.savings import saving_at_scratch_point
+
+    def arrays(curve):
+        trained = [(f, loss) for f, loss in curve if f > 0]
+        flops = [f for f, _ in trained]
+        return flops, [loss for _, loss in trained], flops  # one size: FLOPs stand in for tokens
+
+    return saving_at_scratch_point(arrays(scratch), arrays(cpt))
 
 
 def summarise(output_dir: str, targets: list[str], replay_ratio: float) -> dict:
     """Numbers for the report: savings per target and forgetting with/without replay."""
     source_task = TASK.format(SOURCE_LANGUAGE)
     source_curve = eval_curve(os.path.join(output_dir, "source_en"), source_task)
-    summary = {"source_final_en_loss": source_curve[-1][1] if source_curve else None, "targets": {}}
+    info = run_dir.read_run_info(os.path.join(output_dir, "source_en"))
+    source_tokens = info["train_steps"] * info["batch_size"] * info["sequence_length"]
+    summary = {"source_final_en_loss": source_curve[-1][1] if source_curve else None,
+               "source_tokens_per_param": source_tokens / info["params"], "targets": {}}
     replay_name = f"replay{int(round(100 * replay_ratio))}"
     for lang in targets:
         task = TASK.format(lang)
         scratch = eval_curve(os.path.join(output_dir, f"scratch_{lang}"), task)
         entry = {"scratch_final_loss": scratch[-1][1], "scratch_flops": scratch[-1][0], "cpt": {}}
         for name in ("replay0", replay_name):
-            run_dir = os.path.join(output_dir, f"cpt_{lang}_{name}")
-            curve = eval_curve(run_dir, task)
-            english = eval_curve(run_dir, source_task)
-            reach = flops_to_reach(curve, entry["scratch_final_loss"])
+            model_dir = os.path.join(output_dir, f"cpt_{lang}_{name}")
+            curve = eval_curve(model_dir, task)
+            english = eval_curve(model_dir, source_task)
             entry["cpt"][name] = {
                 "final_loss": curve[-1][1],
-                "flops_to_scratch_final_loss": reach,
-                "flops_saved_fraction": None if reach is None else 1.0 - reach / entry["scratch_flops"],
+                "saving": saving(scratch, curve),
                 "english_loss_start": english[0][1], "english_loss_end": english[-1][1],
                 "english_loss_max": max(loss for _, loss in english),
             }
@@ -163,10 +165,8 @@ def write_report(output_dir: str, targets: list[str], replay_ratio: float, elaps
     ]
     for lang, entry in summary["targets"].items():
         cpt = entry["cpt"]["replay0"]
-        reach = cpt["flops_to_scratch_final_loss"]
         lines.append(f"| {LANGUAGE_NAMES.get(lang, lang)} | {entry['scratch_final_loss']:.3f} | {cpt['final_loss']:.3f} | "
-                     + (f"{reach:.3g} of {entry['scratch_flops']:.3g} | {100 * cpt['flops_saved_fraction']:.0f}% |"
-                        if reach is not None else "never reached within the budget | none |"))
+                     f"{_saving_cells(cpt['saving'])} |")
     lines += ["", "Forgetting (English validation loss of the CPT models):", "",
               f"| target | start | end, no replay | end, {100 * replay_ratio:.0f}% replay |", "| --- | --- | --- | --- |"]
     for lang, entry in summary["targets"].items():
@@ -180,19 +180,80 @@ def write_report(output_dir: str, targets: list[str], replay_ratio: float, elaps
     return path
 
 
+def _saving_cells(saving: dict) -> str:
+    """The report's last two columns for one saving (savings.saving_at_scratch_point's methods)."""
+    of = f"of {saving['C_scratch']:.3g}"
+    saved = f"{100 * saving['saved_fraction']:.0f}%"
+    return {
+        "cpt_reaches_scratch": f"{saving['C_cpt']:.3g} {of} | {saved}",
+        "at_least": f"at most {saving['C_cpt']:.3g} (its first evaluation) {of} | at least {saved}",
+        "scratch_reaches_cpt": f"never reached; scratch reached CPT's final loss with {saving['C_scratch']:.3g} "
+                               f"of CPT's {saving['C_cpt']:.3g} | {saved}",
+        "at_most": f"never reached; scratch passed CPT's final loss by its first evaluation | at most {saved}",
+    }[saving["method"]]
+
+
+def mini_study_gain(lang: str, root: str = MINI_STUDY_ANALYSES) -> dict | None:
+    """Where the committed mini study finds CPT to `lang` starting to save compute: the smallest
+    size from which every larger size it trained saves (law-free, at scratch's final loss).
+
+    Returns {"N", "run", "saved_fraction", "sizes"} (sizes: every (N, saved fraction, run) read), a
+    dict with N None when no size gains, or None when the mini study has no analysis of `lang`.
+    """
+    by_run = {}
+    for sweep in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, sweep, lang, "scaling.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            runs = json.load(f).get("savings", {}).get("runs", [])
+        for run in runs:
+            end = run.get("at_scratch_end")
+            if end is not None and not run.get("replay_ratio"):
+                by_run[run["run"]] = (run["N"], end["saved_fraction"], run["run"])
+    if not by_run:
+        return None
+    sizes = sorted(by_run.values())
+    start = None
+    for i in range(len(sizes) - 1, -1, -1):  # walk down from the largest size while every one gains
+        if sizes[i][1] <= 0:
+            break
+        start = sizes[i]
+    if start is None:
+        return {"N": None, "sizes": sizes}
+    return {"N": start[0], "run": start[2], "saved_fraction": start[1], "sizes": sizes}
+
+
+def _mini_study_sentence(lang: str) -> str:
+    gain = mini_study_gain(lang)
+    name = LANGUAGE_NAMES.get(lang, lang)
+    if gain is None:
+        return "The mini study (docs/results/mini_study.md) has no runs on this language."
+    if gain["N"] is None:
+        return (f"The mini study (docs/results/mini_study.md) finds no size up to {gain['sizes'][-1][0] / 1e6:.2f}M "
+                f"parameters at which CPT to {name} saves compute.")
+    return (f"The mini study (docs/results/mini_study.md) finds CPT to {name} saving compute from "
+            f"{gain['N'] / 1e6:.2f}M parameters on ({gain['run']}: {100 * gain['saved_fraction']:.0f}% of the FLOPs "
+            "at scratch's final loss), with an English source trained to 1.5 tokens per parameter and "
+            "300 target steps.")
+
+
 def _interpretation(summary: dict) -> str:
     notes = []
     for lang, entry in summary["targets"].items():
         cpt = entry["cpt"]["replay0"]
         name = LANGUAGE_NAMES.get(lang, lang)
-        if cpt["flops_saved_fraction"] is not None and cpt["flops_saved_fraction"] > 0:
-            notes.append(f"CPT to {name} reached scratch's final loss with {100 * cpt['flops_saved_fraction']:.0f}% "
-                         "fewer FLOPs.")
+        saved = cpt["saving"]["saved_fraction"]
+        if cpt["saving"]["method"] in ("cpt_reaches_scratch", "at_least"):
+            bound = "at least " if cpt["saving"]["method"] == "at_least" else ""
+            notes.append(f"CPT to {name} reached scratch's final loss with {bound}{100 * saved:.0f}% fewer FLOPs.")
         else:
-            notes.append(f"CPT to {name} did not reach scratch's final loss with fewer FLOPs at this scale "
-                         f"({cpt['final_loss']:.3f} against {entry['scratch_final_loss']:.3f}): small models can "
-                         "show little or negative transfer to a distant language (Hernandez et al. 2021, "
-                         "'ossification'); docs/demo.md discusses it and gives the larger settings to try.")
+            notes.append(f"CPT to {name} did not reach scratch's final loss ({cpt['final_loss']:.3f} against "
+                         f"{entry['scratch_final_loss']:.3f}): scratch reached CPT's final loss with "
+                         f"{100 / (1 - saved):.0f}% of CPT's compute. Small models can show little or negative "
+                         "transfer to a distant language (Hernandez et al. 2021, 'ossification'), and the demo's source model is "
+                         f"trained to {summary['source_tokens_per_param']:.1f} tokens per parameter (docs/demo.md). "
+                         + _mini_study_sentence(lang))
         replayed = [run for key, run in entry["cpt"].items() if key != "replay0"]
         if replayed:
             notes.append(f"Without replay, {name} CPT raised English loss from {cpt['english_loss_start']:.3f} to "

@@ -107,8 +107,9 @@ def savings(table: Table, *, scratch_params: Mapping[str, float] | None = None,
             points.append(_point(table, i, comp[i], n, curve, scratch_params))
         entry["points"] = points
         if curve is not None:
-            entry["at_scratch_end"] = saving_at_scratch_point(table, s_rows, rows, comp)
-            entry["at_scratch_quarter"] = saving_at_scratch_point(table, s_rows, rows, comp, fraction=0.25)
+            s_curve, c_curve = run_curve(table, s_rows, comp), run_curve(table, rows, comp)
+            entry["at_scratch_end"] = saving_at_scratch_point(s_curve, c_curve)
+            entry["at_scratch_quarter"] = saving_at_scratch_point(s_curve, c_curve, fraction=0.25)
         good = [p for p in points if p["saved_fraction"] is not None]
         if good:
             last = good[-1]
@@ -135,38 +136,46 @@ def savings(table: Table, *, scratch_params: Mapping[str, float] | None = None,
     }
 
 
-def saving_at_scratch_point(table: Table, scratch_rows: np.ndarray, cpt_rows: np.ndarray,
-                            compute: np.ndarray, fraction: float = 1.0) -> dict:
-    """The saving read off the two runs without any law: the compute CPT needed to reach the
-    scratch run's loss at `fraction` of its tokens (its first evaluation at or past it; 1 = its
-    final loss, what the demo reports) against the scratch run's compute there.
+def run_curve(table: Table, rows: np.ndarray, compute: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, loss, compute) of one run's rows, sorted by tokens: what saving_at_scratch_point reads."""
+    rows = rows[np.argsort(table["D"][rows])]
+    return table["D"][rows], table["loss"][rows], compute[rows]
 
+
+def saving_at_scratch_point(scratch: tuple, cpt: tuple, fraction: float = 1.0) -> dict:
+    """The saving read off two runs' curves without any law: the compute CPT needed to reach the
+    scratch run's loss at `fraction` of its tokens (its first evaluation at or past it; 1 = its
+    final loss) against the scratch run's compute there.
+
+    `scratch` and `cpt` are (tokens, loss, compute) arrays of one run each, sorted by tokens, with
+    positive tokens and compute (run_curve builds them from a table; the demo from its metrics).
     When the CPT run never gets there, the other way round at the same fraction of the CPT run:
     the compute the scratch run needed to reach that CPT loss against the CPT run's compute (a
     negative saving). Curves are interpolated linearly in log compute against log loss between
     evaluations, on their decreasing envelopes; where the goal lies before a curve's first
     evaluation, that evaluation bounds the saving ("at_least" / "at_most").
     """
-    def at_fraction(rows):
-        rows = rows[np.argsort(table["D"][rows])]
-        d = table["D"][rows]
-        k = rows[int(np.argmax(d >= fraction * d[-1] * (1 - 1e-12)))]
-        return float(table["loss"][k]), float(compute[k])
+    def at_fraction(curve):
+        d, loss, c = (np.asarray(x, dtype=float) for x in curve)
+        k = int(np.argmax(d >= fraction * d[-1] * (1 - 1e-12)))
+        return float(loss[k]), float(c[k])
 
-    def compute_to_reach(rows, goal):
-        _, loss, c = _curve(table, rows, compute)
+    def compute_to_reach(curve, goal):
+        d, loss, c = (np.asarray(x, dtype=float) for x in curve)
+        keep = loss < np.minimum.accumulate(np.concatenate([[np.inf], loss[:-1]]))  # decreasing envelope
+        loss, c = loss[keep], c[keep]
         if loss[0] <= goal:
             return float(c[0]), True
         return float(np.exp(np.interp(-math.log(goal), -np.log(loss), np.log(c)))), False
 
-    goal, c_scratch = at_fraction(scratch_rows)
+    goal, c_scratch = at_fraction(scratch)
     out = {"fraction": fraction, "scratch_loss": goal, "C_scratch": c_scratch}
-    if float(np.min(table["loss"][cpt_rows])) <= goal:
-        c_cpt, bound = compute_to_reach(cpt_rows, goal)
+    if float(np.min(cpt[1])) <= goal:
+        c_cpt, bound = compute_to_reach(cpt, goal)
         return {**out, "C_cpt": c_cpt, "saved_fraction": 1.0 - c_cpt / c_scratch,
                 "method": "at_least" if bound else "cpt_reaches_scratch"}
-    cpt_loss, c_cpt = at_fraction(cpt_rows)
-    c_scratch, bound = compute_to_reach(scratch_rows, cpt_loss)
+    cpt_loss, c_cpt = at_fraction(cpt)
+    c_scratch, bound = compute_to_reach(scratch, cpt_loss)
     return {**out, "cpt_loss": cpt_loss, "C_cpt": c_cpt, "C_scratch": c_scratch,
             "saved_fraction": 1.0 - c_cpt / c_scratch, "method": "at_most" if bound else "scratch_reaches_cpt"}
 
