@@ -232,8 +232,10 @@ def _mini_study_sentence(lang: str) -> str:
     if gain["N"] is None:
         return (f"The mini study (docs/results/mini_study.md) finds no size up to {gain['sizes'][-1][0] / 1e6:.2f}M "
                 f"parameters at which CPT to {name} saves compute.")
-    return (f"The mini study (docs/results/mini_study.md) finds CPT to {name} saving compute from "
-            f"{gain['N'] / 1e6:.2f}M parameters on ({gain['run']}: {100 * gain['saved_fraction']:.0f}% of the FLOPs "
+    size = f"{gain['N'] / 1e6:.2f}M parameters"
+    where = f"at its largest size, {size}" if gain["N"] == gain["sizes"][-1][0] else f"from {size} on"
+    return (f"The mini study (docs/results/mini_study.md) finds CPT to {name} saving compute {where} "
+            f"({gain['run']}: {100 * gain['saved_fraction']:.0f}% of the FLOPs "
             "at scratch's final loss), with an English source trained to 1.5 tokens per parameter and "
             "300 target steps.")
 
