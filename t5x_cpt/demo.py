@@ -6,8 +6,8 @@
 2. for each target language, trains on it for the same budget three ways: from the English
    weights with no replay, from the English weights with English replay, and from scratch;
 3. writes report.md and report.png: target loss against training FLOPs, the FLOPs CPT needed
-   to reach scratch's final loss (or that it never did), and the English loss of the CPT models
-   (forgetting) with and without replay.
+   to reach scratch's final loss (where it never did, what scratch needed to reach CPT's), and
+   the English loss of the CPT models (forgetting) with and without replay.
 Each run is an ordinary training run (configs/experiments/demo_*.gin) in its own MODEL_DIR, so
 an interrupted demo resumes where it stopped and a finished run is not trained again.
 """
@@ -253,8 +253,9 @@ def _interpretation(summary: dict) -> str:
             notes.append(f"CPT to {name} did not reach scratch's final loss ({cpt['final_loss']:.3f} against "
                          f"{entry['scratch_final_loss']:.3f}): scratch reached CPT's final loss with "
                          f"{100 / (1 - saved):.0f}% of CPT's compute. Small models can show little or negative "
-                         "transfer to a distant language (Hernandez et al. 2021, 'ossification'), and the demo's source model is "
-                         f"trained to {summary['source_tokens_per_param']:.1f} tokens per parameter (docs/demo.md). "
+                         "transfer to a distant language (Hernandez et al. 2021, 'ossification'), and the demo's "
+                         f"source model is trained to {summary['source_tokens_per_param']:.1f} tokens per parameter "
+                         "(docs/demo.md). "
                          + _mini_study_sentence(lang))
         replayed = [run for key, run in entry["cpt"].items() if key != "replay0"]
         if replayed:

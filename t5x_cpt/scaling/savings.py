@@ -161,7 +161,7 @@ def saving_at_scratch_point(scratch: tuple, cpt: tuple, fraction: float = 1.0) -
         return float(loss[k]), float(c[k])
 
     def compute_to_reach(curve, goal):
-        d, loss, c = (np.asarray(x, dtype=float) for x in curve)
+        _, loss, c = (np.asarray(x, dtype=float) for x in curve)
         keep = loss < np.minimum.accumulate(np.concatenate([[np.inf], loss[:-1]]))  # decreasing envelope
         loss, c = loss[keep], c[keep]
         if loss[0] <= goal:
