@@ -33,16 +33,16 @@ from t5x_cpt.scaling.tables import ScalingInputError, Table
 SIZE_RTOL = 1e-3
 
 
+def _envelope(d: np.ndarray, loss: np.ndarray, c: np.ndarray):
+    """A run's (D, loss, C), sorted by D, reduced to its strictly decreasing envelope."""
+    d, loss, c = (np.asarray(x, dtype=float) for x in (d, loss, c))
+    keep = loss < np.minimum.accumulate(np.concatenate([[np.inf], loss[:-1]]))
+    return d[keep], loss[keep], c[keep]
+
+
 def _curve(table: Table, rows: np.ndarray, compute: np.ndarray):
     """(D, loss, C) of one run sorted by D and reduced to its strictly decreasing envelope."""
-    rows = rows[np.argsort(table["D"][rows])]
-    keep, best = [], math.inf
-    for i in rows:
-        if table["loss"][i] < best:
-            keep.append(i)
-            best = table["loss"][i]
-    k = np.asarray(keep)
-    return table["D"][k], table["loss"][k], compute[k]
+    return _envelope(*run_curve(table, rows, compute))
 
 
 def _run_compute(table: Table, how: str) -> np.ndarray:
@@ -161,9 +161,7 @@ def saving_at_scratch_point(scratch: tuple, cpt: tuple, fraction: float = 1.0) -
         return float(loss[k]), float(c[k])
 
     def compute_to_reach(curve, goal):
-        _, loss, c = (np.asarray(x, dtype=float) for x in curve)
-        keep = loss < np.minimum.accumulate(np.concatenate([[np.inf], loss[:-1]]))  # decreasing envelope
-        loss, c = loss[keep], c[keep]
+        _, loss, c = _envelope(*curve)
         if loss[0] <= goal:
             return float(c[0]), True
         return float(np.exp(np.interp(-math.log(goal), -np.log(loss), np.log(c)))), False
