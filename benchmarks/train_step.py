@@ -43,8 +43,8 @@ sys.path.insert(0, REPO)
 SIZES = {
     "demo": {
         "gin_files": ["configs/experiments/demo_pretrain.gin"],
-        "bindings": [],  # the demo's own batch 8 x 256, eval every 25 steps, checkpoint every 100
-        "steps": 150, "log_period": 25,
+        "bindings": [],  # the demo's own batch 8 x 256, eval every 40 steps, checkpoint every 100
+        "steps": 160, "log_period": 20,
     },
     "ladder_49m": {
         # The ladder row's body and 32,000-entry vocabulary; the data is the byte-level corpus
