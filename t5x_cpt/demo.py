@@ -68,12 +68,6 @@ def train_run(spec: dict, output_dir: str, overrides: list[str]) -> None:
     logging.info("=== %s done in %.0fs", spec["name"], time.time() - start)
 
 
-def eval_curve(model_dir: str, task: str) -> list[tuple[float, float]]:
-    """(training FLOPs, eval loss) pairs of one run, step 0 included."""
-    key = f"eval/{task}/loss"
-    return [(r["flops"], r[key]) for r in run_dir.read_metrics(model_dir) if key in r]
-
-
 def saving(scratch: list[tuple[float, float]], cpt: list[tuple[float, float]]) -> dict:
     """The study's law-free saving at scratch's final loss (savings.saving_at_scratch_point) from
     two (FLOPs, loss) curves; the step-0 points are left out (no log scale at zero compute)."""
@@ -90,7 +84,7 @@ def saving(scratch: list[tuple[float, float]], cpt: list[tuple[float, float]]) -
 def summarise(output_dir: str, targets: list[str], replay_ratio: float) -> dict:
     """Numbers for the report: savings per target and forgetting with/without replay."""
     source_task = TASK.format(SOURCE_LANGUAGE)
-    source_curve = eval_curve(os.path.join(output_dir, "source_en"), source_task)
+    source_curve = run_dir.eval_curve(os.path.join(output_dir, "source_en"), source_task)
     info = run_dir.read_run_info(os.path.join(output_dir, "source_en"))
     source_tokens = info["train_steps"] * info["batch_size"] * info["sequence_length"]
     summary = {"source_final_en_loss": source_curve[-1][1] if source_curve else None,
@@ -98,12 +92,12 @@ def summarise(output_dir: str, targets: list[str], replay_ratio: float) -> dict:
     replay_name = f"replay{int(round(100 * replay_ratio))}"
     for lang in targets:
         task = TASK.format(lang)
-        scratch = eval_curve(os.path.join(output_dir, f"scratch_{lang}"), task)
+        scratch = run_dir.eval_curve(os.path.join(output_dir, f"scratch_{lang}"), task)
         entry = {"scratch_final_loss": scratch[-1][1], "scratch_flops": scratch[-1][0], "cpt": {}}
         for name in ("replay0", replay_name):
             model_dir = os.path.join(output_dir, f"cpt_{lang}_{name}")
-            curve = eval_curve(model_dir, task)
-            english = eval_curve(model_dir, source_task)
+            curve = run_dir.eval_curve(model_dir, task)
+            english = run_dir.eval_curve(model_dir, source_task)
             entry["cpt"][name] = {
                 "final_loss": curve[-1][1],
                 "saving": saving(scratch, curve),
@@ -127,10 +121,10 @@ def plot(output_dir: str, targets: list[str], replay_ratio: float, path: str) ->
         top, bottom = axes[0][col], axes[1][col]
         for key, (label, color, style) in styles.items():
             run = f"scratch_{lang}" if key == "scratch" else f"cpt_{lang}_{key}"
-            curve = [(f, l) for f, l in eval_curve(os.path.join(output_dir, run), task) if f > 0]
+            curve = [(f, l) for f, l in run_dir.eval_curve(os.path.join(output_dir, run), task) if f > 0]
             top.plot([f for f, _ in curve], [l for _, l in curve], style, color=color, label=label, marker=".")
             if key != "scratch":
-                english = eval_curve(os.path.join(output_dir, run), source_task)
+                english = run_dir.eval_curve(os.path.join(output_dir, run), source_task)
                 bottom.plot([f / 1e12 for f, _ in english], [l for _, l in english], style, color=color,
                             label=label, marker=".")
         top.set_xscale("log")

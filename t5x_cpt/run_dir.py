@@ -198,6 +198,13 @@ def read_metrics(model_dir) -> list[dict[str, Any]]:
     return records
 
 
+def eval_curve(model_dir, task: str) -> list[tuple[float, float]]:
+    """(training FLOPs, eval loss on `task`) at each evaluation of a run, step 0 included."""
+    key = f"eval/{task}/loss"
+    return [(float(r["flops"]), float(r[key])) for r in read_metrics(model_dir)
+            if r.get(key) is not None and "flops" in r]
+
+
 class MetricsLog:
     """metrics.jsonl and TensorBoard events of a run, written by process 0.
 

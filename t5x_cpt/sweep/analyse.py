@@ -450,12 +450,6 @@ def observed_replay_needed(source_rows: list[dict], tolerance: float) -> dict:
             ok[0] if ok else None}
 
 
-def eval_curve(model_dir: str, key: str) -> list[tuple[float, float]]:
-    """(training FLOPs, eval loss) of one run at each evaluation, step 0 included."""
-    return [(float(r["flops"]), float(r[key])) for r in run_dir.read_metrics(model_dir)
-            if r.get(key) is not None and "flops" in r]
-
-
 def _plot_curves(runs: Sequence[ConfiguredRun], task: str, source_task: str | None, path: str) -> str:
     from t5x_cpt.scaling.plots import pyplot, save_figure
 
@@ -472,12 +466,12 @@ def _plot_curves(runs: Sequence[ConfiguredRun], task: str, source_task: str | No
                   else cycle(index % 10))
         style = "--" if run.run.run_kind == "scratch" else "-"
         label = run.name
-        curve = [(f, loss) for f, loss in eval_curve(run.model_dir, f"eval/{task}/loss") if f > 0]
+        curve = [(f, loss) for f, loss in run_dir.eval_curve(run.model_dir, task) if f > 0]
         if curve:
             axes[0][0].plot([f for f, _ in curve], [loss for _, loss in curve], style, color=colour, marker=".",
                             label=label, alpha=0.85)
         if run.run.is_cpt and columns == 2:
-            source = eval_curve(run.model_dir, f"eval/{source_task}/loss")
+            source = run_dir.eval_curve(run.model_dir, source_task)
             ratio = run.run.replay.ratio if run.run.replay else 0.0
             target_flops = [f * (1.0 - ratio) for f, _ in source]
             axes[0][1].plot(target_flops, [loss for _, loss in source], "-", color=colour, marker=".", label=label,
@@ -509,7 +503,7 @@ def loss_table(runs: Sequence[ConfiguredRun], source_task: str | None) -> list[M
         task = run.run.target_task or source_task
         entry: dict[str, Any] = {"run": run, "final": final_loss(run.model_dir, f"eval/{task}/loss")}
         if run.run.is_cpt and source_task:
-            curve = [loss for _, loss in eval_curve(run.model_dir, f"eval/{source_task}/loss")]
+            curve = [loss for _, loss in run_dir.eval_curve(run.model_dir, source_task)]
             entry["source_start"], entry["source_end"] = (curve[0], curve[-1]) if curve else (None, None)
         out.append(entry)
     return out
