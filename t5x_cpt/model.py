@@ -218,6 +218,24 @@ def rotary_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array,
     return jnp.sin(angles), jnp.cos(angles)
 
 
+def rotary_lookup(positions: jax.Array, num_positions: int, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """`rotary_tables` for integer positions in [0, num_positions), looked up in constant tables.
+
+    The model's path. Computed in the graph, the sine and cosine are fused by XLA into each of
+    their consumers (queries and keys of every layer, forward and backward: 127 evaluations over
+    [batch, length, head_dim] in the demo's CPU step, ~4% of its time; an optimization barrier does not
+    survive XLA:CPU's pipeline). Looked up, no step evaluates them. The tables hold the float32
+    angle of each position (as `rotary_tables` forms it) with its sine and cosine rounded from
+    float64. A position outside the tables gives NaN, so a non-finite loss, never a wrong rotation.
+    """
+    inv_freq = rope_inverse_frequencies(config).astype(np.float32)
+    angles = (np.arange(num_positions, dtype=np.float32)[:, None] * inv_freq).astype(np.float64)
+    angles = np.concatenate([angles, angles], axis=-1)
+    positions = jnp.where(positions < 0, num_positions, positions)  # take() would wrap negatives around
+    return tuple(jnp.take(jnp.asarray(table.astype(np.float32)), positions, axis=0, mode="fill", fill_value=np.nan)
+                 for table in (np.sin(angles), np.cos(angles)))
+
+
 def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     """Rotates x [batch, length, heads, head_dim] in the half-split (rotate_half) layout."""
     half = x.shape[-1] // 2
@@ -328,7 +346,12 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Token ids [batch, length] -> float32 logits [batch, length, vocab]."""
+    """Token ids [batch, length] -> float32 logits [batch, length, vocab].
+
+    `positions` (default 0..length-1 in every row) restart at 0 in each packed document and must
+    lie in [0, length); `segment_ids` (default one document per row) keep attention inside each
+    document.
+    """
 
     config: ModelConfig
 
@@ -343,7 +366,7 @@ class Decoder(nn.Module):
                          embedding_init=_init(cfg, "vocab", "embed"), name="embed")
         x = embed(tokens)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        sin, cos = rotary_tables(positions, cfg)
+        sin, cos = rotary_lookup(positions, tokens.shape[1], cfg)
 
         layer_cls = DecoderLayer
         if cfg.remat != "none":

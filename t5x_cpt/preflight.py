@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import optax
 
-from t5x_cpt import checkpoints, distributed, flops, partitioning, trainer
+from t5x_cpt import checkpoints, distributed, flops, host_malloc, partitioning, trainer
 from t5x_cpt.data.logical_shards import LogicalShards
 from t5x_cpt.errors import UserInputError
 from t5x_cpt.model import Decoder, ModelConfig
@@ -216,6 +216,7 @@ def prepare_run(settings: TrainSettings) -> PreparedRun:
 
     settings.check()
     config = _with_attention_chosen(ModelConfig(), settings.sequence_length)
+    log.info("host malloc: %s", host_malloc.status)
     mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
     batch_sharding = partitioning.batch_sharding(mesh, rules)

@@ -162,6 +162,21 @@ def test_rope_matches_the_complex_number_definition():
     np.testing.assert_allclose(_rotate(x, position, cfg), np.concatenate([z.real, z.imag]), atol=1e-5)
 
 
+@pytest.mark.parametrize("scaling", ["none", "llama3"])
+def test_rotary_lookup_matches_the_computed_tables_and_refuses_positions_beyond_them(scaling):
+    """The model's constant tables give what `rotary_tables` computes, for packed positions."""
+    cfg = M.ModelConfig(d_model=64, num_heads=4, rope_scaling=scaling, rope_scaling_factor=8.0,
+                        rope_original_max_position=64)
+    positions = jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 4], [5, 6, 7, 0, 1, 2, 0, 1]])  # two packed rows
+    looked_up, computed = M.rotary_lookup(positions, 8, cfg), M.rotary_tables(positions, cfg)
+    for a, b in zip(looked_up, computed):
+        assert a.shape == b.shape == (2, 8, 16) and a.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+    sin, cos = M.rotary_lookup(jnp.asarray([[7, 8, -1]]), 8, cfg)  # 8 and -1 lie outside a table of 8
+    assert np.isfinite(np.asarray(sin)[0, 0]).all() and np.isnan(np.asarray(sin)[0, 1:]).all()
+    assert np.isnan(np.asarray(cos)[0, 1:]).all()
+
+
 def test_linear_rope_scaling_equals_positions_divided_by_factor():
     plain = M.ModelConfig(d_model=64, num_heads=4)
     scaled = plain.replace(rope_scaling="linear", rope_scaling_factor=4.0)
